@@ -132,11 +132,21 @@ def features(audios: list[torch.Tensor], n_mels: int, pad_to_30s: bool = True):
 
 # ---------------------------------------------------------------------------
 # Whisper-style encoder (Whisper, Qwen2-Audio, AF3): conv stem, stored positions, pre-LN blocks.
+# transformers' defaults for fields a released config.json may omit.
+ENCODER_DEFAULTS = {
+    "qwen2_audio_encoder": dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                                encoder_ffn_dim=5120, max_source_positions=1500, activation_function="gelu"),
+    "whisper": dict(num_mel_bins=80, d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                    encoder_ffn_dim=1536, max_source_positions=1500, activation_function="gelu"),
+}
+
+
 def encoder_config(config: dict) -> dict:
-    """The encoder fields of a Whisper / qwen2_audio_encoder config, with the released defaults."""
-    c = {k: config.get(k, v) for k, v in dict(num_mel_bins=128, d_model=1280, encoder_layers=32,
-                                                 encoder_attention_heads=20, encoder_ffn_dim=5120,
-                                                 max_source_positions=1500, activation_function="gelu").items()}
+    """The encoder fields of a whisper / qwen2_audio_encoder config (transformers' defaults where absent)."""
+    family = config.get("model_type") or "qwen2_audio_encoder"
+    if family not in ENCODER_DEFAULTS:
+        raise ValueError(f"audio encoder model_type {family!r} not supported ({', '.join(ENCODER_DEFAULTS)})")
+    c = {k: config.get(k, v) for k, v in ENCODER_DEFAULTS[family].items()}
     if c["activation_function"] != "gelu":
         raise ValueError(f"encoder activation_function {c['activation_function']!r} not supported (only 'gelu')")
     return c

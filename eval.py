@@ -11,6 +11,11 @@ rules and result writers, model-based evaluation of checkpoints, and the attenti
 
 On a GPU add --device cuda (default when one is present) and --dtype bfloat16 for 7B checkpoints.
 
+Outputs: `sta` / `qa` write OUT (metrics, settings, per-item predictions) and OUT.items.jsonl (the
+resumable item file); `qa --benchmark` also the benchmark's result file (OUT stem + .official.json[l]);
+`attention` writes DIR/attention.json, attention_layers.png, attention_phases.png; `tables` writes
+DIR/<name>/... for each checkpoint, then DIR/tables.md, tables.json, examples.md and the plots.
+
 `score` reads an MMAU-format JSON list (or JSONL) whose records already hold `model_prediction`
 (the full reasoning) and adds: choice_index, choice (option text, "" when none), correct, spans,
 regions_explored, consistency and, when `gt_transcription` is present, span_iou.
@@ -55,9 +60,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import re
+import shutil
 import sys
 from collections import Counter, defaultdict
 
@@ -629,6 +634,10 @@ def cmd_score(args):
 # ---------------------------------------------------------------------------------------------
 # Model-based evaluation: checkpoints, manifests, greedy decoding, resumable item files
 
+class EvalError(Exception):
+    """A user-facing problem (bad checkpoint, conflicting result file, bad argument): the CLI prints it."""
+
+
 MODEL_TYPE_FAMILY = {"qwen2_audio": "qwen2_audio", "qwen2_5_omni": "qwen2_5_omni",
                      "qwen2_5_omni_thinker": "qwen2_5_omni", "audioflamingo3": "audioflamingo3"}
 
@@ -644,8 +653,8 @@ class Checkpoint:
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         cfg_file = os.path.join(path, "config.json")
         if not os.path.exists(cfg_file):
-            raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint directory written by "
-                                    f"model.save_pretrained or a released Hugging Face checkpoint)")
+            raise EvalError(f"{path}: no config.json (expected a checkpoint directory written by "
+                            f"model.save_pretrained or a released Hugging Face checkpoint)")
         with open(cfg_file) as f:
             self.config = json.load(f)
         run = {}
@@ -655,8 +664,8 @@ class Checkpoint:
         model_type = self.config.get("model_type")
         self.family = family or run.get("family") or MODEL_TYPE_FAMILY.get(model_type)
         if self.family not in tokenizer_lib.FAMILIES:
-            raise ValueError(f"{path}: cannot tell the chat family of model_type {model_type!r}; pass --family "
-                             f"(one of {', '.join(tokenizer_lib.FAMILIES)})")
+            raise EvalError(f"{path}: cannot tell the chat family of model_type {model_type!r}; pass --family "
+                            f"(one of {', '.join(tokenizer_lib.FAMILIES)})")
         self.pad_to_30s = pad_to_30s if pad_to_30s is not None else bool(run.get("pad_to_30s", True))
         self.n_mels = model_lib.encoder_config(self.config.get("audio_config", {}))["num_mel_bins"]
         self.audio_cache: dict = {}
@@ -704,8 +713,8 @@ def load_manifest(path: str, kind: str, benchmark: str | None = None, audio_root
     if kind == "sta":
         bad = [i for i, r in enumerate(recs) if "start" not in r or "end" not in r]
         if bad:
-            sys.exit(f"{path}: {len(bad)} record(s) lack start/end (first: line {bad[0] + 1}); `sta` needs "
-                     f"Stage-1 pairs as written by `python data.py synth` / `data.py sta`")
+            raise EvalError(f"{path}: {len(bad)} record(s) lack start/end (first: record {bad[0] + 1}); `sta` "
+                            f"needs Stage-1 pairs as written by `python data.py synth` / `data.py sta`")
     return recs[:limit] if limit > 0 else recs
 
 
@@ -716,19 +725,16 @@ def item_key(rec: dict, index: int) -> str:
     return f"{index}|{rec.get('audio')}|{rec.get('question')}"
 
 
-def load_words_index(manifest: str, audio_root: str | None = None) -> dict:
-    """Word timings by audio path from words.jsonl next to the manifest (what `data.py synth` writes)."""
+def load_words_index(manifest: str) -> dict:
+    """Word timings by audio path from words.jsonl next to the manifest (what `data.py synth` writes; its
+    audio paths resolve against its own folder, as data.read_words_jsonl does)."""
     path = os.path.join(os.path.dirname(os.path.abspath(manifest)), "words.jsonl")
     if not os.path.exists(path):
         return {}
-    root = audio_root or os.path.dirname(path)
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out[data._resolve(r["audio"], root)] = r["words"]
-    return out
+    skips = data.Skips(path)
+    index = {os.path.realpath(audio): words for audio, words in data.read_words_jsonl(path, skips)}
+    skips.report()
+    return index
 
 
 class ItemFile:
@@ -748,13 +754,13 @@ class ItemFile:
                     rows.append(json.loads(ln))
                 except json.JSONDecodeError:
                     if n != len(lines) - 1:
-                        raise ValueError(f"{path}:{n + 1}: not JSON; delete the file or pass --restart")
+                        raise EvalError(f"{path}:{n + 1}: not JSON; delete the file or pass --restart")
                     print(f"{path}: dropping a half-written last line (interrupted run)", file=sys.stderr)
             header = rows[0].get("_settings") if rows else None
             if header != settings:
                 diff = {k: (header or {}).get(k) for k in settings if (header or {}).get(k) != settings[k]}
-                raise ValueError(f"{path} was written with other settings {diff} (now "
-                                 f"{ {k: settings[k] for k in diff} }); pass --restart or another --out")
+                raise EvalError(f"{path} was written with other settings {diff} (now "
+                                f"{ {k: settings[k] for k in diff} }); pass --restart or another --out")
             self.done = {r["key"]: r for r in rows[1:]}
             with open(path, "w", encoding="utf-8") as f:       # rewrite without a torn last line
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -774,25 +780,34 @@ class ItemFile:
 
 
 def run_items(records: list, items: ItemFile, compute, batch_size: int, desc: str) -> list[dict]:
-    """Compute the records not in `items` in batches of `batch_size` (compute(list of (key, record)) -> list
-    of item dicts), appending each; returns all items in record order."""
-    keyed = [(item_key(r, i), r) for i, r in enumerate(records)]
-    todo = [(k, r) for k, r in keyed if k not in items.done]
+    """Compute the records not finished in `items` (absent, or recorded with an audio error: retried) in
+    batches of `batch_size` (compute(list of (key, record)) -> list of item dicts), appending each; returns
+    all items in record order. A key repeated in the manifest gets "#<position>" appended."""
+    keyed, seen = [], set()
+    for i, r in enumerate(records):
+        k = item_key(r, i)
+        keyed.append((f"{k}#{i}" if k in seen else k, r))
+        seen.add(k)
+    todo = [(k, r) for k, r in keyed if k not in items.done or "error" in items.done[k]]
     if len(todo) < len(keyed):
         print(f"{items.path}: {len(keyed) - len(todo)} of {len(keyed)} items already done, {len(todo)} to go",
               file=sys.stderr)
     bar = tqdm(total=len(todo), desc=desc, disable=None, dynamic_ncols=True)
-    for i in range(0, len(todo), batch_size):
-        for item in compute(todo[i:i + batch_size]):
-            items.add(item)
-        bar.update(len(todo[i:i + batch_size]))
-    bar.close()
-    items.close()
+    try:
+        for i in range(0, len(todo), batch_size):
+            for item in compute(todo[i:i + batch_size]):
+                items.add(item)
+            bar.update(len(todo[i:i + batch_size]))
+    finally:
+        bar.close()
+        items.close()
     return [items.done[k] for k, _ in keyed]
 
 
 def _readable(ck: Checkpoint, batch):
-    """Split a batch into readable records and error items (unreadable audio: recorded, not fatal)."""
+    """Split a batch into readable records and error items (unreadable audio: recorded, not fatal). The
+    audio cache then holds this batch's clips only."""
+    ck.audio_cache.clear()
     ok, errors = [], []
     for key, rec in batch:
         try:
@@ -880,7 +895,9 @@ def run_sta(ck: Checkpoint, manifest: str, out: str, limit: int = 0, batch_size:
     write_summary(summary, out)
     print(f"sta {manifest}: n {summary['n']} | mean IoU {summary['mean_iou']:.4f} | SED-F1 {summary['sed_f1']:.4f} | "
           f"IoU>=0.5 {100 * summary['iou_ge_0_5']:.2f}% | IoU>=0.7 {100 * summary['iou_ge_0_7']:.2f}% | "
-          f"parse fail {100 * summary['parse_fail_rate']:.2f}% | wrote {out}")
+          f"parse fail {100 * summary['parse_fail_rate']:.2f}% | "
+          + (f"unreadable audio {summary['n_audio_errors']} (see items) | " if summary["n_audio_errors"] else "")
+          + f"wrote {out}")
     return summary
 
 
@@ -892,7 +909,8 @@ OFFICIAL = {  # benchmark -> (result writer of one record, file writer, file suf
     "mmar": (mmar_result, write_mmar, ".official.jsonl", score_mmar),
     "airbench": (airbench_result, write_airbench, ".official.jsonl", score_airbench),
 }
-BREAKDOWN = {"mmau": ["task", "difficulty", "category", "sub-category"], "mmar": ["modality", "category", "sub-category"],
+BREAKDOWN = {"mmau": ["task", "difficulty", "category", "sub-category"],
+             "mmar": ["modality", "category", "sub-category"],
              "airbench": ["task_name", "dataset_name"], "meld": ["Emotion", "Sentiment"]}
 
 
@@ -901,8 +919,8 @@ def reference_words(rec: dict, words_index: dict | None = None):
     words.jsonl, its `segments`, or a published MMAU `gt_transcription` (segments); None if unknown."""
     if rec.get("words"):
         return rec["words"]
-    if words_index and rec.get("audio") in words_index:
-        return words_index[rec["audio"]]
+    if words_index and os.path.realpath(rec["audio"]) in words_index:
+        return words_index[os.path.realpath(rec["audio"])]
     segments = reference_segments(rec)
     return words_from_segments(segments) if segments else None
 
@@ -943,8 +961,8 @@ AUDIO_VERIFY_METHOD = ("model-free: for each span cited in the reasoning, the wo
                        "against words heard in [s-0.5, e+0.5], recall against words lying in [s, e]); mean over cited "
                        "spans, items without spans or transcript excluded. Transcript: record words, words.jsonl, or "
                        "segments with evenly spread words")
-CONSISTENCY_METHOD = ("rule-based: the reasoning before the final line names the chosen option's letter or at least half "
-                      "of its key words, and no concluding sentence names another option (eval.consistency)")
+CONSISTENCY_METHOD = ("rule-based: the reasoning before the final line names the chosen option's letter or at least "
+                      "half of its key words, and no concluding sentence names another option (eval.consistency)")
 
 
 def summarize_qa(items: list, benchmark: str | None = None) -> dict:
@@ -989,7 +1007,7 @@ def run_qa(ck: Checkpoint, manifest: str, out: str, limit: int = 0, batch_size: 
            restart: bool = False, benchmark: str | None = None, audio_root: str | None = None,
            subset: str | None = None, official: str | None = None) -> dict:
     records = load_manifest(manifest, "qa", benchmark, audio_root, subset, limit)
-    words_index = {} if benchmark else load_words_index(manifest, audio_root)
+    words_index = {} if benchmark else load_words_index(manifest)
     settings = {"command": "qa", **ck.settings(), "manifest": os.path.realpath(manifest), "benchmark": benchmark,
                 "subset": subset, "max_new_tokens": max_new_tokens}
 
@@ -1010,7 +1028,9 @@ def run_qa(ck: Checkpoint, manifest: str, out: str, limit: int = 0, batch_size: 
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"qa {manifest}: n {summary['n']} | accuracy {summary['accuracy']:.2f}% | R_tg {fmt(summary['mean_r_tg'])} | "
           f"regions {fmt(summary['regions_explored'])} | span IoU {fmt(summary['span_iou'])} | audio verify "
-          f"{fmt(summary['audio_verify'])} | consistency {fmt(summary['consistency'])} | wrote {out}")
+          f"{fmt(summary['audio_verify'])} | consistency {fmt(summary['consistency'])} | "
+          + (f"unreadable audio {summary['n_audio_errors']} (see items) | " if summary["n_audio_errors"] else "")
+          + f"wrote {out}")
     if "official_score" in summary:
         print(f"{benchmark} official scorer: {summary['official_score']['total']['acc']:.2f}% "
               f"({summary['official_score']['total']['correct']}/{summary['official_score']['total']['n']}) | "
@@ -1030,7 +1050,7 @@ def prompt_blocks(ids: list[int], tok, audio_token_id: int) -> list[int]:
     up to the first user turn's <|im_start|>; audio = the placeholder run; question = the rest of the prompt
     (user turn text, audio bos/eos markers, the assistant header). Generated positions come after."""
     im_start = tok.token_to_id(tokenizer_lib.IM_START)
-    user = next((i for i, t in enumerate(ids) if t == im_start and tok.decode(ids[i + 1:i + 4]).startswith("user")),
+    user = next((i for i, t in enumerate(ids) if t == im_start and tok.decode(ids[i + 1:i + 8]).startswith("user")),
                 None)
     if user is None:
         raise ValueError("prompt has no '<|im_start|>user' turn: cannot split it into blocks")
@@ -1047,7 +1067,9 @@ def token_phases(tok, ids: list[int], choices=None) -> list[set]:
                   form reward.py reads) or a number followed by a time unit ("at 5.2s").
     "all" holds every token."""
     text = tok.decode(ids)
-    ends = [len(tok.decode(ids[:i + 1])) for i in range(len(ids))]       # incremental decode: char offsets
+    ends = []                                                           # incremental decode: char offsets
+    for i in range(len(ids)):                                           # (monotonic even when a byte-level
+        ends.append(max(len(tok.decode(ids[:i + 1])), ends[-1] if ends else 0))   # piece splits a character)
     starts = [0] + ends[:-1]
     stripped = text.rstrip()
     line_start = stripped.rfind("\n") + 1
@@ -1081,10 +1103,11 @@ def block_attention(ck: Checkpoint, rec: dict, completion_ids: list[int]):
     P, N = len(prompt), len(completion_ids)
     blocks = torch.tensor(prompt_blocks(prompt, ck.tok, ck.model.audio_token_id) + [3] * N)
     ids = torch.tensor([prompt + completion_ids], device=ck.device)
-    feats = batch.get("input_features")
-    _, attentions = ck.model(ids, input_features=None if feats is None else feats.to(ck.device, ck.dtype),
-                             feature_attention_mask=None if feats is None else batch["feature_attention_mask"].to(ck.device),
-                             output_attentions=True)
+    audio = {}
+    if batch.get("input_features") is not None:
+        audio = dict(input_features=batch["input_features"].to(ck.device, ck.dtype),
+                     feature_attention_mask=batch["feature_attention_mask"].to(ck.device))
+    _, attentions = ck.model(ids, output_attentions=True, **audio)
     onehot = F.one_hot(blocks, len(BLOCKS)).float().to(ck.device)                      # (T, 4)
     sums = torch.stack([a[0, :, P - 1:P - 1 + N].float().mean(0) @ onehot for a in attentions]).cpu()  # (L, N, 4)
     lengths = torch.zeros(N, len(BLOCKS))
@@ -1172,6 +1195,7 @@ def plot_attention(summary: dict, out_dir: str, title: str = "") -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     phases = [p for p in PHASES if p in summary["phases"]]
     if not phases:
         return []
@@ -1187,6 +1211,7 @@ def plot_attention(summary: dict, out_dir: str, title: str = "") -> list[str]:
                 ax.plot(xs, [ys[l] for l in xs], marker="o", ms=3, label=blk)
             ax.set_title(f"{phase} tokens (n={ph['n_tokens']}): attention {kind.replace('_', ' ')}")
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if kind == "per_token":
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
@@ -1259,11 +1284,11 @@ def _named(values: list[str], what: str) -> list[tuple[str, str]]:
         if not sep:
             name, path = os.path.splitext(os.path.basename(os.path.normpath(v)))[0], v
         if not re.fullmatch(r"[\w.-]+", name):
-            raise ValueError(f"{what} name {name!r} (from {v!r}): use letters, digits, '.', '_' or '-'")
+            raise EvalError(f"{what} name {name!r} (from {v!r}): use letters, digits, '.', '_' or '-'")
         out.append((name, path))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"{what} names must be distinct, got {names}: write them as NAME=PATH")
+        raise EvalError(f"{what} names must be distinct, got {names}: write them as NAME=PATH")
     return out
 
 
@@ -1315,11 +1340,28 @@ def markdown_tables(results: dict, qa_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def examples_markdown(results: dict, qa_name: str, n: int = 3) -> str:
+    """The first `n` answers of each checkpoint on one QA set, with what the metrics read from them."""
+    lines = []
+    for name, r in results.items():
+        items = [it for it in r["qa"][qa_name]["items"] if "error" not in it][:n]
+        lines.append(f"### {name}\n")
+        for it in items:
+            options = "; ".join(f"({'abcdefgh'[i]}) {c}" for i, c in enumerate(it["choices"]))
+            verify = "-" if it.get("audio_verify") is None else f"{it['audio_verify']:.2f}"
+            lines += [f"**Q** {it['question']} {options} - **gold** {it['answer']}", "",
+                      "```", it["prediction"].strip() or "(empty)", "```",
+                      f"correct {it['correct']} | spans {it['spans']} | evidence IoU "
+                      f"{_fmt(it.get('evidence_iou'), 1, 2)} | audio verify {verify}", ""]
+    return "\n".join(lines)
+
+
 def plot_audio_by_layer(results: dict, path: str):
     """Audio-block attention per layer of every checkpoint, all tokens and timestamp tokens (paper Fig 4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, phase in zip(axes, ("all", "timestamp")):
         for name, r in results.items():
@@ -1328,7 +1370,11 @@ def plot_audio_by_layer(results: dict, path: str):
                 ax.plot(ph["sum"]["audio"], marker="o", ms=3, label=name)
         ax.set_title(f"attention mass on audio, {phase} tokens")
         ax.set_xlabel("layer")
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {phase} tokens", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1367,6 +1413,13 @@ def cmd_tables(args):
     write_summary(compact, os.path.join(args.out, "tables.json"))
     if any(r["attention"] for r in results.values()):
         plot_audio_by_layer(results, os.path.join(args.out, "attention_audio_by_layer.png"))
+        for name, r in results.items():          # each checkpoint's figures next to the tables, for reports
+            for plot in (r["attention"] or {}).get("plots", []):
+                stem, ext = os.path.splitext(os.path.basename(plot))
+                shutil.copy(plot, os.path.join(args.out, f"{stem}_{name}{ext}"))
+    if qa_sets:
+        with open(os.path.join(args.out, "examples.md"), "w", encoding="utf-8") as f:
+            f.write(examples_markdown(results, qa_sets[0][0]))
     print(f"wrote {os.path.join(args.out, 'tables.md')} and tables.json (per-run outputs under {args.out}/<name>/)")
     return compact
 
@@ -1396,7 +1449,7 @@ def cmd_attention(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:4]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score an MMAU-format file holding model_prediction")
@@ -1413,7 +1466,8 @@ def main(argv=None):
                         help="pad features to one 30 s window (auto: the run's meta.json, else true)")
     common.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     common.add_argument("--max-new-tokens", type=int, default=0, help="0: 96 for sta, 256 otherwise")
-    common.add_argument("--audio-root", default=None, help="base of relative audio paths (default: the manifest's folder)")
+    common.add_argument("--audio-root", default=None,
+                        help="base of relative audio paths (default: the manifest's folder)")
     common.add_argument("--restart", action="store_true", help="discard OUT.items.jsonl instead of continuing it")
 
     p = sub.add_parser("sta", parents=[common], help="Table 1: decode Stage-1 questions, IoU / SED-F1")
@@ -1448,8 +1502,10 @@ def main(argv=None):
     p = sub.add_parser("tables", parents=[common], help="the paper's tables for several checkpoints side by side")
     p.add_argument("--checkpoints", nargs="+", required=True, help="NAME=CKPT ...")
     p.add_argument("--sta", default=None, help="STA manifest for Table 1")
-    p.add_argument("--qa", nargs="*", default=None, help="QA manifests [NAME=]PATH: Table 2 columns; Table 3 on the first")
-    p.add_argument("--attention", default=None, help="manifest for Table 4 (default: the first --qa)")
+    p.add_argument("--qa", nargs="*", default=None,
+                   help="QA manifests [NAME=]PATH: Table 2 columns; Table 3 on the first")
+    p.add_argument("--attention", nargs="?", const=None, default=None, metavar="MANIFEST",
+                   help="manifest for Table 4 (default, or the bare flag: the first --qa, else --sta)")
     p.add_argument("--attention-limit", type=int, default=16, help="prompts for Table 4 (0: skip the analysis)")
     p.add_argument("--teacher-force", action="store_true", help="attention on reference texts (see `attention`)")
     p.add_argument("--sta-max-new-tokens", type=int, default=96)
@@ -1459,7 +1515,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "tables" and not args.max_new_tokens:
         args.max_new_tokens = 256
-    return args.func(args)
+    try:
+        return args.func(args)
+    except EvalError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -331,3 +331,49 @@ def test_score_cli_on_published(tmp_path):
     # answers whose words are a permutation of the right one's also count.
     with open(PAPER_EXAMPLES) as f:
         assert E.score_mmau(json.load(f))["total"]["correct"] == 56
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 3: audio verification against a known transcript
+
+WORDS = [("the", 0.0, 0.2), ("red", 0.3, 0.6), ("fox", 0.7, 1.0), ("runs", 1.1, 1.5), ("fast", 2.5, 2.9)]
+
+
+def test_span_mentions_positions():
+    text = 'From 0.30s to 1.00s "a". The segment starts at 2.5 seconds and ends at 3 seconds; (0.30-1.00 s).'
+    m = E.span_mentions(text)
+    assert [s for _, _, s in m] == [(0.3, 1.0), (2.5, 3.0), (0.3, 1.0)]          # repeats kept, unlike extract_spans
+    assert text[m[0][0]:m[0][1]] == "From 0.30s to 1.00s"
+    assert text[m[2][0]:m[2][1]] == "(0.30-1.00 s)"
+    assert [s for _, _, s in m][:2] == R.extract_spans(text)
+
+
+def test_audio_verify_by_hand():
+    # quote = the words inside the span: precision 1, recall 1
+    v, d = E.audio_verify('From 0.30s to 1.00s, the speaker says "red fox".\nFinal answer: (a) fox', WORDS)
+    assert v == 1.0 and d[0]["claim"] == "red fox" and d[0]["heard"] == "red fox"
+    # span [0.3, 1.5] holds red fox runs; claim "red cat": P = 1/2, R = 1/3, F1 = 0.4
+    v, d = E.audio_verify('From 0.30s to 1.50s, the speaker says "red cat".\n(a) x', WORDS)
+    assert math.isclose(d[0]["precision"], 0.5) and math.isclose(d[0]["recall"], 1 / 3) and math.isclose(v, 0.4)
+    # quote before the span on the same line
+    assert E.audio_verify('The speaker says "fast" (2.50-2.90 s).\n(a) x', WORDS)[0] == 1.0
+    # no quote: the clause's content words {sounds, fast, happy}: P = 1/3, R = 1 -> 0.5
+    v, d = E.audio_verify("From 2.50s to 2.90s the speaker sounds fast and happy.\n(a) x", WORDS)
+    assert sorted(d[0]["claim"].split()) == ["fast", "happy", "sounds"] and math.isclose(v, 0.5)
+    # mean over mentions; a span away from the quoted words scores 0
+    v, d = E.audio_verify('From 0.30s to 1.00s "red fox", then from 2.50s to 2.90s "slow".\n(a) x', WORDS)
+    assert [x["score"] for x in d] == [1.0, 0.0] and v == 0.5
+    # digits read as number words; the final answer line is no claim
+    assert E.audio_verify('From 0.0s to 1.0s they say "2".\n(b) two', [("two", 0.1, 0.5)])[0] == 1.0
+    assert E.audio_verify('Final answer: from 0.30s to 1.00s "red fox"', WORDS)[0] == 1.0     # one line: kept
+    assert E.audio_verify("No span here.\n(a) x", WORDS) == (None, [])
+    assert E.audio_verify('From 0.30s to 1.00s "red fox".\n(a) x', None) == (None, [])
+    # dict words work the same
+    dicts = [{"word": w, "start": s, "end": e} for w, s, e in WORDS]
+    assert E.audio_verify('From 0.30s to 1.00s "red fox".\n(a) x', dicts)[0] == 1.0
+
+
+def test_words_from_segments():
+    w = E.words_from_segments([{"text": "ab c", "start": 0.0, "end": 1.0}, {"text": "", "start": 2.0, "end": 3.0}])
+    assert [x[0] for x in w] == ["ab", "c"]
+    assert math.isclose(w[0][2], 0.6) and math.isclose(w[1][1], 0.6) and math.isclose(w[1][2], 1.0)

@@ -2,6 +2,9 @@
 
 Data flow: waveform (16 kHz mono) -> log_mel -> (B, n_mels, frames) -> encoder -> (B, A_enc, D_enc)
 -> adapter (pool + projector) -> (B, A, D) rows that model.LALM scatters into the audio placeholders.
+Encoders: WhisperEncoder (Whisper; Qwen2-Audio and Audio Flamingo 3 with pool_stride=2) and OmniAudioEncoder
+(Qwen2.5-Omni: chunked attention, pool, ln_post and its own projection). Audio Flamingo 3 reads long audio
+as consecutive 30 s windows (split_windows / windowed_features).
 """
 import functools
 import math
@@ -130,23 +133,60 @@ def features(audios: list[torch.Tensor], n_mels: int, pad_to_30s: bool = True):
     return feats, mask
 
 
+def split_windows(audios, max_seconds: int = 600) -> tuple[list[torch.Tensor], list[int]]:
+    """Long clips -> consecutive 30 s windows, as Audio Flamingo 3's processor cuts them.
+
+    Returns (windows, windows_per_clip): every clip gives max(1, ceil(n / N_SAMPLES)) windows (the last one
+    shorter), at most max_seconds / CHUNK_LENGTH of them (AF3: 600 s -> 20; the rest is dropped). The windows
+    of one clip are consecutive, so their audio rows fill that clip's placeholder run in order.
+    """
+    max_windows = max_seconds // CHUNK_LENGTH
+    windows, counts = [], []
+    for a in audios:
+        a = torch.as_tensor(a, dtype=torch.float32).reshape(-1)
+        n = min(max(1, -(-len(a) // N_SAMPLES)), max_windows)
+        windows += [a[i * N_SAMPLES:(i + 1) * N_SAMPLES] for i in range(n)]
+        counts.append(n)
+    return windows, counts
+
+
+def windowed_features(audios, n_mels: int, max_seconds: int = 600, pad_to_30s: bool = True):
+    """AF3 inputs: (input_features (W, n_mels, F), feature_attention_mask (W, F), windows_per_clip list).
+
+    One row per 30 s window (each window padded to 30 s like the released processor's `input_features` and
+    `input_features_mask`). A clip's placeholder count is the sum of num_audio_tokens over its windows
+    (equal to the processor's count on the summed frames, because full windows give an even 1500 frames).
+    """
+    windows, counts = split_windows(audios, max_seconds)
+    feats, mask = features(windows, n_mels, pad_to_30s)
+    return feats, mask, counts
+
+
 # ---------------------------------------------------------------------------
 # Whisper-style encoder (Whisper, Qwen2-Audio, AF3): conv stem, stored positions, pre-LN blocks.
 # transformers' defaults for fields a released config.json may omit.
+_LARGE_V3 = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                 encoder_ffn_dim=5120, max_source_positions=1500, activation_function="gelu")
 ENCODER_DEFAULTS = {
-    "qwen2_audio_encoder": dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                                encoder_ffn_dim=5120, max_source_positions=1500, activation_function="gelu"),
+    "qwen2_audio_encoder": _LARGE_V3,
     "whisper": dict(num_mel_bins=80, d_model=384, encoder_layers=4, encoder_attention_heads=6,
                     encoder_ffn_dim=1536, max_source_positions=1500, activation_function="gelu"),
+    "audioflamingo3_encoder": _LARGE_V3,
+    # Qwen2.5-Omni: attention in chunks of 2 * n_window mel frames, then its own projection to the LLM width
+    "qwen2_5_omni_audio_encoder": dict(_LARGE_V3, n_window=100, output_dim=3584),
 }
+# Other spellings of the same fields (AF3 writes the transformers-style names; all configs accept both).
+ENCODER_ALIASES = {"d_model": "hidden_size", "encoder_layers": "num_hidden_layers",
+                   "encoder_attention_heads": "num_attention_heads", "encoder_ffn_dim": "intermediate_size"}
 
 
 def encoder_config(config: dict) -> dict:
-    """The encoder fields of a whisper / qwen2_audio_encoder config (transformers' defaults where absent)."""
+    """The encoder fields of a whisper / qwen2_audio_encoder / audioflamingo3_encoder /
+    qwen2_5_omni_audio_encoder config (transformers' defaults where absent; either field spelling)."""
     family = config.get("model_type") or "qwen2_audio_encoder"
     if family not in ENCODER_DEFAULTS:
         raise ValueError(f"audio encoder model_type {family!r} not supported ({', '.join(ENCODER_DEFAULTS)})")
-    c = {k: config.get(k, v) for k, v in ENCODER_DEFAULTS[family].items()}
+    c = {k: config.get(k, config.get(ENCODER_ALIASES.get(k, k), v)) for k, v in ENCODER_DEFAULTS[family].items()}
     if c["activation_function"] != "gelu":
         raise ValueError(f"encoder activation_function {c['activation_function']!r} not supported (only 'gelu')")
     return c
@@ -228,6 +268,75 @@ class WhisperEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# Qwen2.5-Omni audio tower: the Whisper-style encoder run chunk by chunk, then pool, ln_post and proj.
+def sinusoids(length: int, channels: int) -> torch.Tensor:
+    """(length, channels) Whisper sinusoids, computed as transformers does (fp32); Omni never stores them."""
+    inv = torch.exp(-math.log(10000) / (channels // 2 - 1) * torch.arange(channels // 2).float())
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
+class OmniAudioEncoder(nn.Module):
+    """Qwen2.5-Omni `audio_tower`: (N, n_mels, F) log-mel -> (N, A, output_dim) rows already in LLM width.
+
+    Each clip's valid frames (feature_attention_mask) are cut into chunks of 2*n_window = 200 mel frames (2 s,
+    the last one shorter). Every chunk goes through the conv stem on its own (zero padding at its edges), gets
+    sinusoidal positions restarting at 0, and attends only within itself: the chunks are the batch rows of the
+    encoder layers, which is the block-diagonal attention of the reference. Then a stride-2 average pool over
+    the clip (pairs never straddle chunks: full chunks give an even 100 frames; an odd last frame is dropped),
+    ln_post and proj. Row a of the output holds clip a's num_audio_tokens rows first; the rest is filler.
+    The clip length is not limited to 30 s (the released processor cuts at 30 s anyway).
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        c = encoder_config({**config, "model_type": config.get("model_type") or "qwen2_5_omni_audio_encoder"})
+        d = c["d_model"]
+        self.n_window = c["n_window"]
+        self.conv1 = nn.Conv1d(c["num_mel_bins"], d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=CONV_STRIDE, padding=1)
+        # in the checkpoint but unused by the reference forward (<|audio_bos|>/<|audio_eos|> are text tokens);
+        # kept so checkpoints round-trip, frozen so DDP does not wait for its gradient
+        self.audio_bos_eos_token = nn.Embedding(2, c["output_dim"]).requires_grad_(False)
+        self.layers = nn.ModuleList(EncoderLayer(d, c["encoder_attention_heads"], c["encoder_ffn_dim"])
+                                    for _ in range(c["encoder_layers"]))
+        self.ln_post = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, c["output_dim"])
+
+    def output_lengths(self, n_frames: torch.Tensor) -> torch.Tensor:
+        """LLM rows per clip for valid mel frames n_frames (the chunking does not change the count)."""
+        return (num_encoder_frames(n_frames) - POOL_STRIDE) // POOL_STRIDE + 1
+
+    def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None):
+        N, _, n_frames = input_features.shape
+        width = 2 * self.n_window                                          # mel frames per chunk
+        K = -(-n_frames // width)                                          # chunks per row
+        lengths = feature_attention_mask.sum(-1) if feature_attention_mask is not None \
+            else torch.full((N,), n_frames, device=input_features.device)
+        frame = torch.arange(K * width, device=input_features.device)
+        x = F.pad(input_features, (0, K * width - n_frames))               # (N, n_mels, K*width)
+        x = (x * (frame[None, :] < lengths[:, None])[:, None]).to(self.conv1.weight.dtype)  # padding -> 0
+        x = x.unflatten(-1, (K, width)).transpose(1, 2)                     # (N, K, n_mels, width)
+        chunk_len = (lengths[:, None] - torch.arange(K, device=x.device)[None] * width).clamp(0, width)  # (N, K)
+        present = chunk_len > 0
+        x, chunk_len = x[present], chunk_len[present]                      # (C, n_mels, width), (C,)
+        inside = torch.arange(width, device=x.device)[None, :] < chunk_len[:, None]
+        h = F.gelu(self.conv1(x)) * inside[:, None]                         # zero beyond the chunk, as reference
+        h = F.gelu(self.conv2(h)).transpose(1, 2)                           # (C, width/2, D)
+        h = h + sinusoids(h.shape[1], h.shape[2]).to(h.device, h.dtype)
+        n_enc = num_encoder_frames(chunk_len)
+        key_mask = (torch.arange(h.shape[1], device=h.device)[None, :] < n_enc[:, None])[:, None, None, :]
+        for layer in self.layers:
+            h = layer(h, key_mask)
+        h = F.avg_pool1d(h.transpose(1, 2), POOL_STRIDE, POOL_STRIDE).transpose(1, 2)  # (C, width/4, D)
+        h = self.proj(self.ln_post(h))                                      # (C, width/4, output_dim)
+        out = h.new_zeros(N, K, h.shape[1], h.shape[2])
+        out[present] = h
+        return out.flatten(1, 2)                                            # (N, K*width/4, output_dim)
+
+
+# ---------------------------------------------------------------------------
 # Adapters: encoder frames (N, A_enc, D_enc) -> LLM rows (N, A, D).
 class LinearProjector(nn.Module):
     """Qwen2-Audio `multi_modal_projector`: one linear with bias (the pool lives in the encoder)."""
@@ -241,12 +350,12 @@ class LinearProjector(nn.Module):
 
 
 class MLPProjector(nn.Module):
-    """Audio Flamingo 3 `multi_modal_projector`: linear_1 -> GELU -> linear_2."""
+    """Audio Flamingo 3 `multi_modal_projector`: linear_1 -> GELU -> linear_2 (biases: config projector_bias)."""
 
-    def __init__(self, d_enc: int, d_model: int):
+    def __init__(self, d_enc: int, d_model: int, bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(d_enc, d_model)
-        self.linear_2 = nn.Linear(d_model, d_model)
+        self.linear_1 = nn.Linear(d_enc, d_model, bias=bias)
+        self.linear_2 = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(h)))

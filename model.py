@@ -1,5 +1,9 @@
 """Decoder LLMs (Qwen2 / Qwen2.5 / Llama), the audio-language model (LALM), generation and weight I/O.
 
+LALM families (config model_type): qwen2_audio (Qwen2-Audio), qwen2_5_omni (the Qwen2.5-Omni thinker, audio
+and text only; loads the released full-model layout or the thinker-only one), audioflamingo3 (Audio Flamingo
+3, long audio as 30 s windows) and whisper_lalm (ours: any Whisper encoder + any Qwen2/Llama).
+
 Data flow: input_ids (B, T) -> embed_tokens, audio rows from audio_encoder scattered into the placeholder
 slots -> decoder layers (RMSNorm, RoPE, GQA attention, SwiGLU) -> final norm -> logits (B, T, V).
 
@@ -20,7 +24,8 @@ import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from audio_encoder import LinearProjector, StackProjector, WhisperEncoder, encoder_config
+from audio_encoder import (LinearProjector, MLPProjector, OmniAudioEncoder, StackProjector, WhisperEncoder,
+                           encoder_config)
 
 
 # ---------------------------------------------------------------------------
@@ -192,10 +197,18 @@ class CausalLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T), or (3, B, T) temporal/height/width ids for M-RoPE (Qwen2.5-Omni's
+        mrope_section: frequency slot block i takes row i % 3; three equal rows are exactly 1-D RoPE)."""
         dev = position_ids.device
         if dev not in self._inv_freq:
             self._inv_freq[dev] = rope_inv_freq(self.c["rope"], self.c["head_dim"], dev)
-        freqs = position_ids[..., None].float() * self._inv_freq[dev]   # (B, T, hd/2)
+        freqs = position_ids[..., None].float() * self._inv_freq[dev]   # (B, T, hd/2) or (3, B, T, hd/2)
+        if position_ids.dim() == 3:
+            section = self.c["rope"].get("mrope_section")
+            if section is None or position_ids.shape[0] != 3:
+                raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} need (3, B, T) and a config "
+                                 f"with rope mrope_section (Qwen2.5-Omni); pass (B, T) positions otherwise")
+            freqs = torch.cat([f[i % 3] for i, f in enumerate(freqs.split(section, dim=-1))], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -244,33 +257,78 @@ class CausalLM(nn.Module):
 
 # ---------------------------------------------------------------------------
 # The audio-language model: encoder -> adapter -> rows scattered into the placeholders -> decoder.
-# Which encoder output and adapter each family uses: (avg-pool stride before the encoder's layer_norm, projector).
+# Which audio tower and adapter each family uses: (tower from audio_config, projector from (d_enc, d, config)).
+# Qwen2-Audio and AF3 avg-pool before the encoder's layer_norm; Qwen2.5-Omni's tower projects by itself.
 AUDIO_ADAPTERS = {
-    "qwen2_audio": (2, lambda d_enc, d, cfg: LinearProjector(d_enc, d)),
-    "whisper_lalm": (1, lambda d_enc, d, cfg: StackProjector(d_enc, d, cfg["stack"], cfg.get("hidden_size"))),
+    "qwen2_audio": (lambda a: WhisperEncoder(a, pool_stride=2), lambda d_enc, d, cfg: LinearProjector(d_enc, d)),
+    "audioflamingo3": (lambda a: WhisperEncoder(a, pool_stride=2),
+                       lambda d_enc, d, cfg: MLPProjector(d_enc, d, cfg.get("projector_bias", True))),
+    "qwen2_5_omni": (OmniAudioEncoder, lambda d_enc, d, cfg: nn.Identity()),
+    "whisper_lalm": (lambda a: WhisperEncoder(a, pool_stride=1),
+                     lambda d_enc, d, cfg: StackProjector(d_enc, d, cfg["adapter"]["stack"],
+                                                          cfg["adapter"].get("hidden_size"))),
 }
+# transformers' defaults of a family's text_config where they differ from Qwen2's (released configs may omit them)
+TEXT_DEFAULTS = {
+    "qwen2_5_omni": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6),
+}
+DEFAULT_AUDIO_TOKEN = {"audioflamingo3": 151669}        # <sound>; the Qwen families use <|AUDIO|> 151646
+
+
+def released_config(config: dict) -> dict:
+    """A config in its released form: Qwen2.5-Omni's thinker-only config (model_type qwen2_5_omni_thinker, as
+    Qwen2_5OmniThinkerForConditionalGeneration.save_pretrained writes it) is wrapped into the full-model
+    config (model_type qwen2_5_omni, thinker_config); every other config is returned as is."""
+    if config.get("model_type") != "qwen2_5_omni_thinker":
+        return config
+    thinker = {k: v for k, v in config.items() if k != "architectures"}
+    return {"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"],
+            "thinker_config": thinker, "enable_audio_output": False}
 
 
 class LALM(nn.Module):
-    """audio_tower (Whisper-style) -> multi_modal_projector -> rows scattered over the audio placeholders of
-    input_ids -> language_model (CausalLM). The family (config model_type) picks pooling and projector."""
+    """audio_tower -> multi_modal_projector -> rows scattered over the audio placeholders of input_ids ->
+    language_model (CausalLM). The family (config model_type) picks tower, pooling and projector.
+
+    Qwen2.5-Omni (thinker, audio + text): the config is the full-model one (thinker_config inside); with audio
+    and text only, its multimodal RoPE ids are cumsum(attention_mask) - 1 in all three rows (transformers'
+    get_rope_index without image/video grids), i.e. plain 1-D RoPE, so it runs the same decoder code. Image
+    and video inputs are refused with an error.
+    """
 
     def __init__(self, config: dict):
         super().__init__()
+        config = released_config(config)
         self.config = config
         family = config["model_type"]
         if family not in AUDIO_ADAPTERS:
             raise ValueError(f"LALM model_type {family!r} not supported ({', '.join(AUDIO_ADAPTERS)})")
-        pool, make_projector = AUDIO_ADAPTERS[family]
-        text = dict(config["text_config"])
-        text.setdefault("model_type", "qwen2")
-        if family == "qwen2_audio":     # transformers never ties this head, whatever text_config says
+        make_tower, make_projector = AUDIO_ADAPTERS[family]
+        cfg = config.get("thinker_config", config)      # Omni nests the audio+text model in thinker_config
+        text = {**TEXT_DEFAULTS.get(family, {}), **cfg["text_config"]}
+        if text.get("model_type") in (None, "qwen2_5_omni_text"):
+            text["model_type"] = "qwen2"                # Omni's text model is Qwen2 layers (+ M-RoPE ids)
+        if family in ("qwen2_audio", "audioflamingo3"):  # transformers never ties these heads
             text["tie_word_embeddings"] = False
-        self.audio_tower = WhisperEncoder(config["audio_config"], pool_stride=pool)
-        d_enc = encoder_config(config["audio_config"])["d_model"]
-        self.multi_modal_projector = make_projector(d_enc, decoder_config(text)["dim"], config.get("adapter", {}))
+        elif family == "qwen2_5_omni":                  # the thinker's flag decides, not text_config's
+            text["tie_word_embeddings"] = cfg.get("tie_word_embeddings", False)
+        if cfg.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"projector_hidden_act {cfg['projector_hidden_act']!r} not supported (only 'gelu')")
+        self.audio_tower = make_tower(cfg["audio_config"])
+        d = decoder_config(text)["dim"]
+        d_enc = self.audio_tower.proj.out_features if family == "qwen2_5_omni" \
+            else encoder_config(cfg["audio_config"])["d_model"]
+        if family == "qwen2_5_omni" and d_enc != d:
+            raise ValueError(f"audio_config output_dim {d_enc} must equal text hidden_size {d} (no projector)")
+        self.multi_modal_projector = make_projector(d_enc, d, cfg)
         self.language_model = CausalLM(text)
-        self.audio_token_id = config.get("audio_token_id", config.get("audio_token_index", 151646))
+        default = DEFAULT_AUDIO_TOKEN.get(family, 151646)
+        self.audio_token_id = cfg.get("audio_token_id", cfg.get("audio_token_index", default))
+        # image / video placeholders of the Omni thinker: inputs holding them are refused (audio + text only)
+        self.vision_token_ids = [cfg.get("image_token_id", cfg.get("image_token_index", 151655)),
+                                 cfg.get("video_token_id", cfg.get("video_token_index", 151656))] \
+            if family == "qwen2_5_omni" else []
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.language_model.lm_head_weight()
@@ -298,6 +356,10 @@ class LALM(nn.Module):
         return torch.cat([a.repeat(num_samples, 1) for a in audio_embeds.split(per_prompt)])
 
     def embed(self, input_ids, input_features=None, feature_attention_mask=None, audio_embeds=None):
+        if self.vision_token_ids and bool(torch.isin(input_ids, torch.tensor(self.vision_token_ids,
+                                                                             device=input_ids.device)).any()):
+            raise ValueError(f"input_ids hold image/video placeholder tokens {self.vision_token_ids}: images and "
+                             f"video are not supported by this implementation (audio and text only)")
         h = self.language_model.embed_tokens(input_ids)                                  # (B, T, D)
         if audio_embeds is None and input_features is not None:
             audio_embeds = self.encode_audio(input_features, feature_attention_mask)
@@ -312,7 +374,18 @@ class LALM(nn.Module):
         return h
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, input_features=None,
-                feature_attention_mask=None, audio_embeds=None, return_hidden=False, output_attentions=False):
+                feature_attention_mask=None, audio_embeds=None, return_hidden=False, output_attentions=False,
+                input_features_mask=None, **unsupported):
+        """input_features_mask: AF3's processor name for feature_attention_mask. Anything else a processor may
+        return (pixel_values, image_grid_thw, ...) is refused: these models take audio and text only here."""
+        if unsupported:
+            raise ValueError(f"unsupported inputs {sorted(unsupported)}: this LALM takes input_ids, attention_mask, "
+                             f"position_ids and audio (input_features + feature_attention_mask) only; images and "
+                             f"video are not supported")
+        if input_features_mask is not None:
+            if feature_attention_mask is not None:
+                raise ValueError("pass feature_attention_mask or input_features_mask (AF3's name), not both")
+            feature_attention_mask = input_features_mask
         h = self.embed(input_ids, input_features, feature_attention_mask, audio_embeds)
         return self.language_model(input_ids, attention_mask, position_ids, return_hidden, output_attentions,
                                    inputs_embeds=h)
@@ -382,7 +455,12 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=dev).reshape(-1)
     tokens = torch.full((B * G, N), pad_token_id, dtype=torch.long, device=dev)
     finished = torch.zeros(B * G, dtype=torch.bool, device=dev)
+    # Omni's image/video placeholders are never sampled: forward refuses them, so a completion holding one
+    # could not be scored (completion_logprobs) later
+    banned = torch.as_tensor(getattr(model, "vision_token_ids", []), dtype=torch.long, device=dev)
     for t in range(N):
+        if len(banned):
+            logits = logits.index_fill(-1, banned, float("-inf"))
         tok = sample(logits, temperature, top_p, top_k, generator)
         tok = torch.where(finished, pad_token_id, tok)
         tokens[:, t] = tok
@@ -492,6 +570,21 @@ ENCODER_KEYS = {   # Whisper-style audio tower, relative to its prefix
     "layer_norm.bias": "layer_norm.bias",
 }
 
+OMNI_ENCODER_KEYS = {   # Qwen2.5-Omni audio tower, relative to its prefix: no stored positions, ln_post + proj
+    "conv1.weight": "conv1.weight",
+    "conv1.bias": "conv1.bias",
+    "conv2.weight": "conv2.weight",
+    "conv2.bias": "conv2.bias",
+    "audio_bos_eos_token.weight": "audio_bos_eos_token.weight",
+    "positional_embedding.positional_embedding": None,     # the sinusoids, if a converter stored them
+    "positional_embedding": None,
+    **{k: v for k, v in ENCODER_KEYS.items() if k.startswith("layers.")},
+    "ln_post.weight": "ln_post.weight",
+    "ln_post.bias": "ln_post.bias",
+    "proj.weight": "proj.weight",
+    "proj.bias": "proj.bias",
+}
+
 WHISPER_DECODER_KEYS = {   # the text decoder of WhisperForConditionalGeneration: not used, dropped on load
     "model.decoder.embed_tokens.weight": None,
     "model.decoder.embed_positions.weight": None,
@@ -550,6 +643,15 @@ KEY_TABLES = {
         "multi_modal_projector.linear_2.weight": "multi_modal_projector.linear_2.weight",
         "multi_modal_projector.linear_2.bias": "multi_modal_projector.linear_2.bias",
     }),
+    "audioflamingo3": _lalm_keys({
+        "multi_modal_projector.linear_1.weight": "multi_modal_projector.linear_1.weight",
+        "multi_modal_projector.linear_1.bias": "multi_modal_projector.linear_1.bias",
+        "multi_modal_projector.linear_2.weight": "multi_modal_projector.linear_2.weight",
+        "multi_modal_projector.linear_2.bias": "multi_modal_projector.linear_2.bias",
+    }),
+    # released full-model layout; thinker.visual.*, talker.*, token2wav.* are skipped (DROPPED_PREFIXES)
+    "qwen2_5_omni": {**_prefixed("thinker.audio_tower.", "audio_tower.", OMNI_ENCODER_KEYS),
+                     **_prefixed("thinker.", "language_model.", DECODER_KEYS)},
 }
 
 # Other spellings of the same keys (transformers-5 in-memory names, v5 pre-release duplicates), first match wins.
@@ -560,13 +662,30 @@ KEY_VARIANTS = {
                     ("model.audio_tower.", "audio_tower."),
                     ("model.multi_modal_projector.", "multi_modal_projector."),
                     ("lm_head.", "language_model.lm_head.")],
+    # the thinker-only layout (Qwen2_5OmniThinkerForConditionalGeneration.save_pretrained) and v5 in-memory names
+    "qwen2_5_omni": [("thinker.model.language_model.", "thinker.model."),
+                     ("thinker.model.audio_tower.", "thinker.audio_tower."),
+                     ("thinker.model.visual.", "thinker.visual."),
+                     ("model.language_model.", "thinker.model."),
+                     ("model.audio_tower.", "thinker.audio_tower."),
+                     ("model.visual.", "thinker.visual."),
+                     ("audio_tower.", "thinker.audio_tower."),
+                     ("visual.", "thinker.visual."),
+                     ("model.", "thinker.model."),
+                     ("lm_head.", "thinker.lm_head.")],
 }
+KEY_VARIANTS["audioflamingo3"] = KEY_VARIANTS["qwen2_audio"]     # same hub layout and v5 renames
+
+# Whole sub-models a family's checkpoint carries but this code does not use: skipped by name, never read.
+DROPPED_PREFIXES = {"qwen2_5_omni": ("thinker.visual.", "talker.", "token2wav.")}
 
 MODEL_CLASSES = {"qwen2": CausalLM, "llama": CausalLM, "whisper": WhisperEncoder, "qwen2_audio": LALM,
-                 "whisper_lalm": LALM}
+                 "whisper_lalm": LALM, "audioflamingo3": LALM, "qwen2_5_omni": LALM}
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
                  "whisper": "WhisperForConditionalGeneration",
-                 "qwen2_audio": "Qwen2AudioForConditionalGeneration", "whisper_lalm": "WhisperLALM"}
+                 "qwen2_audio": "Qwen2AudioForConditionalGeneration", "whisper_lalm": "WhisperLALM",
+                 "audioflamingo3": "AudioFlamingo3ForConditionalGeneration",
+                 "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration"}
 
 
 def _lookup(table: dict, key: str):
@@ -616,7 +735,10 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor):
 def load_weights(model: nn.Module, path: str, dtype=torch.float32, device="cpu"):
     """Fill a (meta or real) model from the safetensors under `path`, one tensor at a time (converted to
     dtype on the way), so a 7B model never needs two copies in memory. Strict: any unknown, mis-shaped or
-    missing key raises an error naming it."""
+    missing key raises an error naming it. Sub-models in DROPPED_PREFIXES are skipped from the header alone.
+    Tensors kept in the file's dtype on the CPU stay memory-mapped from the files (safetensors maps them
+    copy-on-write): they are read on first use and live in the page cache (Qwen2.5-Omni-7B thinker in bf16:
+    peak RSS 15.7 GiB for 15.4 GiB of weights once every page is read)."""
     family = _family(model.config)
     table = KEY_TABLES[family]
     params = dict(model.named_parameters())
@@ -624,6 +746,8 @@ def load_weights(model: nn.Module, path: str, dtype=torch.float32, device="cpu")
     for file in _checkpoint_files(path):
         with safe_open(file, framework="pt", device="cpu") as fh:
             for key in fh.keys():
+                if _canonical(family, key).startswith(DROPPED_PREFIXES.get(family, ())):
+                    continue            # header only: the tensor's bytes are never read
                 found, ours = _lookup(table, _canonical(family, key))
                 if found and ours is None:
                     continue
@@ -646,9 +770,10 @@ def load_weights(model: nn.Module, path: str, dtype=torch.float32, device="cpu")
 
 
 def from_pretrained(path: str, dtype=torch.float32, device="cpu") -> nn.Module:
-    """Released HF checkpoint dir -> CausalLM (qwen2, llama) | WhisperEncoder (whisper) | LALM (qwen2_audio)."""
+    """Released HF checkpoint dir -> CausalLM (qwen2, llama) | WhisperEncoder (whisper) | LALM (qwen2_audio,
+    audioflamingo3, qwen2_5_omni: the full-model release or a thinker-only save, whisper_lalm)."""
     with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+        config = released_config(json.load(f))
     with torch.device("meta"):
         model = MODEL_CLASSES[_family(config)](config)
     return load_weights(model, path, dtype, device).eval()
@@ -707,6 +832,10 @@ def save_pretrained(module: nn.Module, path: str, max_shard_size="5GB"):
     config.setdefault("architectures", [ARCHITECTURES[family]])
     config["dtype"] = str(next(module.parameters()).dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
+    if family == "qwen2_5_omni":        # only the thinker's audio+text weights are written: no talker, no vision
+        config["enable_audio_output"] = False
+        config["thinker_config"] = {k: v for k, v in config["thinker_config"].items() if k != "torch_dtype"}
+        config["thinker_config"]["dtype"] = config["dtype"]
     with open(os.path.join(path, "config.json.tmp"), "w") as f:
         json.dump(config, f, indent=2)
     os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))

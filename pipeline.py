@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Overrides that shrink every stage to seconds: the test runs the full wiring with these.
 QUICK_DATA = {"n": 24, "n_eval": 8}
 QUICK_STA = ["--max_steps=6", "--batch_size=4", "--warmup_steps=1", "--eval_every=6", "--eval_n=4",
-             "--save_every=6", "--vocab_size=300", "--enc_dim=32", "--enc_layers=1", "--enc_heads=2",
+             "--save_every=6", "--enc_dim=32", "--enc_layers=1", "--enc_heads=2",
              "--dec_dim=32", "--dec_layers=1", "--dec_heads=2"]
 QUICK_GRPO = ["--num_steps=2", "--group_size=2", "--device_batch_size=2", "--grad_accum=1",
               "--max_new_tokens=12", "--save_every=2", "--eval_n=4", "--dump_every=1"]

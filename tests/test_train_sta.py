@@ -1,0 +1,152 @@
+"""train_sta.py end to end on a tiny synthetic corpus (CPU, fp32): the loss goes down, the checkpoint loads
+with model.from_pretrained + tokenizer.load_tokenizer, 2 gloo processes give the losses of 1 process with the
+same global batch, a resumed run repeats the uninterrupted one, and a NaN loss stops the run."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import runlib  # noqa: E402
+import train_sta  # noqa: E402
+
+# a model small enough that a step takes well under a second on one core
+TINY = ["--enc_dim=32", "--enc_layers=1", "--enc_heads=2", "--dec_dim=32", "--dec_layers=1", "--dec_heads=2",
+        "--vocab_size=400", "--n_mels=80", "--eval_n=2", "--eval_batch_size=2", "--max_new_tokens=6",
+        "--warmup_steps=1", "--lr=3e-3", "--min_lr=3e-4", "--reasoning_frac=0.2", "--seed=7"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import data
+    out = str(tmp_path_factory.mktemp("corpus"))
+    data.build_synth_corpus(out, seed=0, n=5, workers=1)
+    return out
+
+
+def args(corpus, out_dir, *extra):
+    return [f"--data_dir={corpus}", f"--eval_data_dir={corpus}", "--synth_n=0", "--eval_synth_n=0",
+            f"--out_dir={out_dir}", *TINY, *extra]
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["step"] for r in rows], [r["loss"] for r in rows], rows
+
+
+def test_shipped_configs_parse():
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "sta_*.json")))
+    assert {os.path.basename(p) for p in paths} >= {"sta_tiny.json", "sta_qwen2_5_omni.json",
+                                                    "sta_audioflamingo3.json", "sta_qwen2_audio.json"}
+    for path in paths:
+        cfg = runlib.parse_config(train_sta.Config, ["--config", path])
+        if "tiny" not in path:                                        # the paper's hyperparameters
+            assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.dtype) == (2e-5, 8, 4, "bfloat16")
+    assert runlib.parse_config(train_sta.Config, ["--config", os.path.join(ROOT, "configs", "sta_tiny.json")]) \
+        == train_sta.Config()                                         # the file is the built-in default
+
+
+def test_tiny_run_learns_and_checkpoint_loads(corpus, tmp_path, capsys):
+    import model as model_lib
+    import tokenizer as tokenizer_lib
+    out = str(tmp_path / "run")
+    train_sta.main(args(corpus, out, "--max_steps=14", "--batch_size=4", "--eval_every=100", "--save_every=7"))
+    steps, ls, rows = losses(out)
+    assert steps == list(range(1, 15))
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.3, ls
+    assert "eval_mean_iou" in rows[-1] and 0.0 <= rows[-1]["eval_mean_iou"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "step 14/14 | loss " in printed and "| lr " in printed and "| grad " in printed and "tok/s" in printed
+    latest = os.path.join(out, "ckpt", "latest")
+    assert os.path.realpath(latest).endswith("step_000014")
+    model = model_lib.from_pretrained(latest)
+    tok = tokenizer_lib.load_tokenizer(latest)
+    assert model.config["text_config"]["vocab_size"] == tok.vocab_size
+    assert model.audio_token_id == tok.token_to_id("<|AUDIO|>")
+    meta = runlib.load_meta(latest)
+    assert meta["step"] == 14 and meta["data_position"] == 14 * 4 and meta["config"]["max_steps"] == 14
+
+
+def test_resume_repeats_the_uninterrupted_run(corpus, tmp_path):
+    common = ["--max_steps=5", "--batch_size=3", "--grad_accum=2", "--save_every=2", "--eval_every=100"]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    train_sta.main(args(corpus, full, *common))
+    train_sta.main(args(corpus, split, *common, "--stop_at=2"))      # "interrupted" after the step-2 checkpoint
+    assert runlib.latest_checkpoint(os.path.join(split, "ckpt")).endswith("step_000002")
+    train_sta.main(args(corpus, split, *common))                      # the same command again resumes
+    steps_full, loss_full, rows_full = losses(full)
+    steps_split, loss_split, rows_split = losses(split)
+    assert steps_full == steps_split == [1, 2, 3, 4, 5]
+    assert loss_full == loss_split
+    assert [r["grad_norm"] for r in rows_full] == [r["grad_norm"] for r in rows_split]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, tmp_path, strategy):
+    """Global batch 8: 1 process x 2 micro-steps of 4 vs 2 gloo processes x 1 micro-step of 4 (DDP or FSDP2)."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = ["--max_steps=3", "--batch_size=4", "--eval_every=100", "--save_every=3"]
+    train_sta.main(args(corpus, one, *common, "--grad_accum=2"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_sta.py"), *args(corpus, two, *common, "--grad_accum=1", f"--strategy={strategy}")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, loss_one, rows_one = losses(one)
+    _, loss_two, rows_two = losses(two)
+    assert len(loss_two) == 3
+    assert loss_two == pytest.approx(loss_one, abs=1e-5)
+    assert [r["grad_norm"] for r in rows_two] == pytest.approx([r["grad_norm"] for r in rows_one], abs=1e-5)
+    assert len(runlib.load_meta(os.path.join(two, "ckpt", "latest"))["rng"]) == 2
+
+
+def test_nan_loss_stops_naming_step_and_batch(corpus, tmp_path, monkeypatch):
+    out = str(tmp_path / "nan")
+    forward = train_sta.SFTLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        loss = forward(self, *a, **k)
+        return loss * float("nan") if calls["n"] == 3 else loss    # the 3rd micro-batch = step 3
+
+    monkeypatch.setattr(train_sta.SFTLoss, "forward", poisoned)
+    with pytest.raises(runlib.NonFiniteError, match=r"non-finite loss \(nan\) at step 3, batch at data position 8"):
+        train_sta.main(args(corpus, out, "--max_steps=6", "--batch_size=4", "--save_every=2", "--eval_every=100"))
+    latest = runlib.latest_checkpoint(os.path.join(out, "ckpt"))
+    assert latest.endswith("step_000002") and runlib.load_meta(latest)["step"] == 2
+    assert torch.isfinite(torch.tensor(losses(out)[1])).all()
+
+
+def test_freeze_and_activation_checkpointing(corpus, tmp_path):
+    """Activation checkpointing does not change the numbers; a frozen encoder stays at its initial values."""
+    import model as model_lib
+    import tokenizer as tokenizer_lib
+    common = ["--max_steps=2", "--batch_size=4", "--eval_every=100", "--save_every=2", "--freeze_encoder=true"]
+    plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ac")
+    train_sta.main(args(corpus, plain, *common))
+    train_sta.main(args(corpus, ckpt, *common, "--activation_checkpointing=true"))
+    assert losses(plain)[1] == pytest.approx(losses(ckpt)[1], abs=1e-6)
+    cfg = runlib.parse_config(train_sta.Config, args(corpus, plain, *common))
+    torch.manual_seed(cfg.seed)                                       # main() builds the model right after seeding
+    init = model_lib.build_lalm(train_sta.tiny_config(cfg, tokenizer_lib.load_tokenizer(f"{plain}/tokenizer.model")))
+    trained = model_lib.from_pretrained(os.path.join(ckpt, "ckpt", "latest"))
+    for (name, p0), p1 in zip(init.audio_tower.named_parameters(), trained.audio_tower.parameters()):
+        assert torch.equal(p0, p1), name
+    assert not torch.equal(init.multi_modal_projector.linear.weight, trained.multi_modal_projector.linear.weight)

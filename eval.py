@@ -667,7 +667,8 @@ class Checkpoint:
             raise EvalError(f"{path}: cannot tell the chat family of model_type {model_type!r}; pass --family "
                             f"(one of {', '.join(tokenizer_lib.FAMILIES)})")
         self.pad_to_30s = pad_to_30s if pad_to_30s is not None else bool(run.get("pad_to_30s", True))
-        self.n_mels = model_lib.encoder_config(self.config.get("audio_config", {}))["num_mel_bins"]
+        audio_config = self.config.get("thinker_config", self.config).get("audio_config", {})  # Omni nests it
+        self.n_mels = model_lib.encoder_config(audio_config)["num_mel_bins"]
         self.audio_cache: dict = {}
 
     @functools.cached_property

@@ -115,7 +115,7 @@ def main(argv=None):
         times["sft_no_timestamps"] = run(
             [py, "train_sta.py", "--config", "configs/sta_tiny.json", f"--data_dir={train_dir}",
              f"--eval_data_dir={held_dir}", f"--out_dir={nots}", f"--tokenizer={sta_ckpt}",
-             "--sta_frac=0", "--reasoning_frac=1", "--reasoning_timestamps=false"] + quick_sta, log)
+             "--timestamps=false"] + quick_sta, log)
         checkpoints["sft_no_timestamps"] = f"{nots}/ckpt/latest"
         checkpoints["grpo_wo_grounding"] = grpo("grpo_wo_grounding", ["--compaction_weight=0"])
         checkpoints["grpo_wo_compaction"] = grpo("grpo_wo_compaction", ["--c_min=0.5"])

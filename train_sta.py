@@ -55,6 +55,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -86,6 +87,8 @@ class Config:
     eval_synth_seed: int = 1
     reasoning_frac: float = 0.15            # fraction of training examples that are QA with a reasoning target
     transcribe_frac: float = 0.25           # fraction that are word-timestamped transcripts (words.jsonl)
+    timestamps: bool = True                 # False: the "reasoning SFT without timestamps" ablation (no STA
+                                            # pairs; QA reasoning and transcripts with every time removed)
     family: str = "qwen2_audio"             # chat template / architecture family
     pad_to_30s: bool = False                # pad features to one 30 s Whisper window (what released models saw)
     # model
@@ -196,6 +199,26 @@ def load_examples(data_dir, reasoning_frac, transcribe_frac, seed):
             picked += rng.sample(pool, min(len(pool), n - len(picked)))
         mix = mix + picked
     return mix
+
+
+SPAN_PREFIX = re.compile(r"From \d+(?:\.\d+)?s to \d+(?:\.\d+)?s, ")   # the corpus's reasoning openers
+WORD_TIME = re.compile(r" \d+\.\d\d(?= |$)")                           # "anna 0.31 has 0.72" -> "anna has"
+
+
+def without_timestamps(examples):
+    """The ablation's mix: STA pairs dropped (they are nothing but timestamps), grounded reasoning with its
+    spans cut ("From 1.20s to 1.85s, the speaker says ..." -> "The speaker says ...") and transcripts
+    without word times; the QA and transcripts are repeated to keep the number of examples."""
+    kept = []
+    for e in examples:
+        if "choices" in e:
+            text = SPAN_PREFIX.sub("", e["reasoning"])
+            kept.append({**e, "reasoning": text[:1].upper() + text[1:]})
+        elif e.get("question") == TRANSCRIBE_QUESTION:
+            kept.append({**e, "answer": WORD_TIME.sub("", e["answer"])})
+    if not kept:
+        raise ValueError("timestamps=false needs reasoning_frac or transcribe_frac > 0 (nothing left to train on)")
+    return [kept[i % len(kept)] for i in range(len(examples))]
 
 
 def cache_audio(examples, audio_cache):
@@ -375,6 +398,8 @@ def main(argv=None):
     ensure_corpus(cfg.data_dir, cfg.synth_n, cfg.synth_seed, dist)
     ensure_corpus(cfg.eval_data_dir, cfg.eval_synth_n, cfg.eval_synth_seed, dist)
     examples = load_examples(cfg.data_dir, cfg.reasoning_frac, cfg.transcribe_frac, cfg.seed)
+    if not cfg.timestamps:
+        examples = without_timestamps(examples)
     heldout = data.load_examples(os.path.join(cfg.eval_data_dir, "sta.jsonl"), kind="sta")[:cfg.eval_n]
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
     tok_path = cfg.tokenizer or (latest or cfg.init_from)

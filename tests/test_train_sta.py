@@ -150,3 +150,19 @@ def test_freeze_and_activation_checkpointing(corpus, tmp_path):
     for (name, p0), p1 in zip(init.audio_tower.named_parameters(), trained.audio_tower.parameters()):
         assert torch.equal(p0, p1), name
     assert not torch.equal(init.multi_modal_projector.linear.weight, trained.multi_modal_projector.linear.weight)
+
+
+def test_without_timestamps_ablation_mix():
+    """The 'reasoning SFT without timestamps' mix: STA pairs gone, no time left in any target, same size."""
+    import train_sta
+    mix = [{"audio": "a.wav", "question": "What is the timestamp of the following segment? x",
+            "answer": "The segment x starts at 1.00 seconds and ends at 2.00 seconds."},
+           {"audio": "a.wav", "question": "Which?", "choices": ["x", "y"], "answer": "x",
+            "reasoning": 'From 1.20s to 1.85s, the second speaker says "the blue whale".\nFinal answer: (a) x'},
+           {"audio": "a.wav", "question": train_sta.TRANSCRIBE_QUESTION, "answer": "i 0.35 see 0.50 a 0.78"}]
+    out = train_sta.without_timestamps(mix)
+    assert len(out) == len(mix)
+    texts = [e.get("reasoning", e["answer"]) for e in out]
+    assert 'The second speaker says "the blue whale".\nFinal answer: (a) x' in texts
+    assert "i see a" in texts
+    assert not any(ch.isdigit() for t in texts for ch in t)

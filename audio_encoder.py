@@ -206,14 +206,17 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(ffn, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
-    def forward(self, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        B, A, D = h.shape
+    def attend(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Bidirectional self-attention (a method of its own so q, k, v are freed before the 4x-wide MLP)."""
+        B, A, D = x.shape
         hd = D // self.n_heads
-        x = self.self_attn_layer_norm(h)
         a = self.self_attn
         q, k, v = (p(x).view(B, A, self.n_heads, hd).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, A, hd), bidirectional
-        h = h + a.out_proj(o.transpose(1, 2).reshape(B, A, D))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, A, hd)
+        return a.out_proj(o.transpose(1, 2).reshape(B, A, D))
+
+    def forward(self, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.attend(self.self_attn_layer_norm(h), key_mask)
         h = h + self.fc2(F.gelu(self.fc1(self.final_layer_norm(h))))
         if h.dtype == torch.float16:                                   # as the reference, avoids fp16 overflow
             bound = torch.finfo(torch.float16).max - 1000

@@ -114,7 +114,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c["dim"], self.kv_heads * self.head_dim, bias=c["qkv_bias"])
         self.o_proj = nn.Linear(self.heads * self.head_dim, c["dim"], bias=c["o_bias"])
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0, output_attentions=False):
+    def forward(self, x, cos, sin, mask, cache=None, start=0, output_attentions=False, prefix=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)    # (B, H_kv, T, hd)
@@ -125,6 +125,9 @@ class Attention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache, v_cache
+        if prefix is not None:                      # grouped decoding: slots [0, start + T) are written
+            o = shared_prefix_attention(q, *prefix, k[:, :, :start + T], v[:, :, :start + T])
+            return self.o_proj(o.reshape(B, T, -1)), None
         probs, r = None, self.heads // self.kv_heads
         if r > 1 and (cache is None or output_attentions):
             # GQA: kv head j serves query heads j*r..j*r+r-1. Expanded explicitly when training so SDPA can use
@@ -139,6 +142,29 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=k.shape[1] != q.shape[1])
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), probs
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, prefix_valid, k, v) -> torch.Tensor:
+    """One decoding step of G rows per prompt that share the prompt's keys (Hydragen / cascade attention).
+
+    The prompt's keys and values are stored and read once per prompt instead of once per row, and one softmax
+    runs over [prompt keys, the row's own keys]. With audio prompts (hundreds of tokens) and G = 8 the prompt
+    is most of a step's key/value traffic and of the cache's memory.
+    q (B*G, H, 1, hd); prefix_k/v (B, H_kv, T, hd), prefix_valid (B, T); k/v (B*G, H_kv, S, hd): the rows' own
+    keys so far (all valid) -> (B*G, 1, H*hd). Einsum letters: b prompt, g row of the group, j kv head,
+    r query head of kv head j (GQA: query head j*r + r' uses kv head j), t prompt key, s own key, d head dim.
+    """
+    BG, H, _, hd = q.shape
+    B, Hkv, T, _ = prefix_k.shape
+    G, S = BG // B, k.shape[2]
+    q = q.reshape(B, G, Hkv, H // Hkv, hd)
+    k, v = k.view(B, G, Hkv, S, hd), v.view(B, G, Hkv, S, hd)
+    s_prompt = torch.einsum("bgjrd,bjtd->bgjrt", q, prefix_k).float()                    # (B, G, H_kv, r, T)
+    s_own = torch.einsum("bgjrd,bgjsd->bgjrs", q, k).float()                             # (B, G, H_kv, r, S)
+    s_prompt = s_prompt.masked_fill(~prefix_valid[:, None, None, None, :], float("-inf"))      # left pads
+    p = (torch.cat([s_prompt, s_own], -1) * hd ** -0.5).softmax(-1).to(v.dtype)
+    o = torch.einsum("bgjrt,bjtd->bgjrd", p[..., :T], prefix_v) + torch.einsum("bgjrs,bgjsd->bgjrd", p[..., T:], v)
+    return o.reshape(BG, 1, H * hd)
 
 
 class MLP(nn.Module):
@@ -160,8 +186,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c["dim"], c["eps"])
         self.mlp = MLP(c)
 
-    def forward(self, h, cos, sin, mask, cache=None, start=0, output_attentions=False):
-        a, probs = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, start, output_attentions)
+    def forward(self, h, cos, sin, mask, cache=None, start=0, output_attentions=False, prefix=None):
+        a, probs = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, start, output_attentions, prefix)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), probs
 
@@ -219,15 +245,18 @@ class CausalLM(nn.Module):
         return [(torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device),
                  torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)) for _ in self.layers]
 
-    def decode(self, h, position_ids, mask, cache=None, start=0, output_attentions=False):
-        """Embeddings (B, T, D) -> final-normed hidden (B, T, D) [, list of (B, H, T, S) attention probs]."""
+    def decode(self, h, position_ids, mask, cache=None, start=0, output_attentions=False, prefix=None):
+        """Embeddings (B, T, D) -> final-normed hidden (B, T, D) [, list of (B, H, T, S) attention probs].
+
+        prefix: per layer (k, v, valid) of a prompt cache shared by groups of rows (see generate)."""
         cos, sin = self.rope(position_ids, h.dtype)
         attentions = []
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
                 h, probs = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
-                h, probs = layer(h, cos, sin, mask, None if cache is None else cache[i], start, output_attentions)
+                h, probs = layer(h, cos, sin, mask, None if cache is None else cache[i], start, output_attentions,
+                                 None if prefix is None else prefix[i])
             attentions.append(probs)
         return self.norm(h), attentions
 
@@ -425,8 +454,9 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     """LEFT-padded prompts (B, T) -> (tokens (B*G, N), lengths (B*G,) incl. EOS, finished (B*G,) bool).
 
     Rows are prompt-major (b*G + g). Audio is encoded and the prompt prefilled once per prompt; the prompt's
-    KV cache is then copied to its G rows. Finished rows keep running (padded) so no step needs a host sync;
-    all-finished is checked every `check_every` steps. eos_token_id: an id or a list (None: never stops).
+    KV cache stays one copy per prompt, read by its G rows (shared_prefix_attention). Finished rows keep
+    running (padded) so no step needs a host sync; all-finished is checked every `check_every` steps.
+    eos_token_id: an id or a list (None: never stops).
     audio_embeds (from model.encode_audio for these B prompts) may replace input_features.
     """
     lm = decoder_of(model)
@@ -444,13 +474,8 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     h, _ = lm.decode(h, pos, causal_mask(key_valid, T), prompt_cache, 0)
     logits = (h[:, -1] @ lm.lm_head_weight().T).repeat_interleave(G, 0)                    # (B*G, V)
 
-    cache = lm.new_cache(B * G, T + N)
-    for (k, v), (pk, pv) in zip(cache, prompt_cache):
-        k[:, :, :T] = pk.repeat_interleave(G, 0)
-        v[:, :, :T] = pv.repeat_interleave(G, 0)
-    del prompt_cache
-    valid = torch.zeros(B * G, T + N, dtype=torch.bool, device=dev)                          # (B*G, T+N)
-    valid[:, :T] = key_valid.repeat_interleave(G, 0)
+    prefix = [(k, v, key_valid) for k, v in prompt_cache]          # the prompt's keys: one copy per prompt
+    cache = lm.new_cache(B * G, N)                                  # each row's own keys
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                                       # (B*G, 1)
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=dev).reshape(-1)
     tokens = torch.full((B * G, N), pad_token_id, dtype=torch.long, device=dev)
@@ -467,8 +492,7 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
         finished |= torch.isin(tok, eos)
         if t == N - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
-        valid[:, T + t] = True
-        h, _ = lm.decode(lm.embed_tokens(tok[:, None]), next_pos, valid[:, None, None, :], cache, T + t)
+        h, _ = lm.decode(lm.embed_tokens(tok[:, None]), next_pos, None, cache, t, prefix=prefix)
         logits = h[:, 0] @ lm.lm_head_weight().T
         next_pos = next_pos + 1
     is_eos = torch.isin(tokens, eos)

@@ -14,6 +14,7 @@ API (stable; the training scripts import exactly these names)
                                                      (nccl on CUDA, gloo on CPU); Dist(rank, local_rank,
                                                      world_size, device, is_main, distributed)
     cleanup_dist(dist)                               destroy the process group
+    start_run(cfg, dist) -> log                      print + save the resolved config; log prints on rank 0 only
     wrap_model(model, dist, strategy, param_dtype=None) -> model
                                                      "ddp": DistributedDataParallel; "fsdp": FSDP2
                                                      fully_shard on every block of every nn.ModuleList and
@@ -212,6 +213,18 @@ def setup_dist(device: str = "auto") -> Dist:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, local_rank, world_size, dev, distributed)
+
+
+def start_run(cfg, dist):
+    """Print the resolved config and save it as <out_dir>/config.json (rank 0); returns a print that only rank 0
+    prints with."""
+    log = print if dist.is_main else (lambda *a, **k: None)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log("config:", json.dumps(config_dict(cfg)))
+    if dist.is_main:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(config_dict(cfg), f, indent=1)
+    return log
 
 
 def cleanup_dist(dist: Dist):

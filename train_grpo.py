@@ -432,13 +432,8 @@ def main(argv=None):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    log = print if dist.is_main else (lambda *a, **k: None)
+    log = runlib.start_run(cfg, dist)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log("config:", json.dumps(runlib.config_dict(cfg)))
-    if dist.is_main:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(runlib.config_dict(cfg), f, indent=1)
 
     # models: the policy (resumed or the Stage 1 checkpoint) and the frozen reference (none when beta = 0)
     if not os.path.exists(os.path.join(cfg.init_from, "config.json")):

@@ -386,13 +386,8 @@ def main(argv=None):
     dist = runlib.setup_dist(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    log = print if dist.is_main else (lambda *a, **k: None)
+    log = runlib.start_run(cfg, dist)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log("config:", json.dumps(runlib.config_dict(cfg)))
-    if dist.is_main:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(runlib.config_dict(cfg), f, indent=1)
 
     # data (+ the tiny default's corpus and tokenizer, built once)
     ensure_corpus(cfg.data_dir, cfg.synth_n, cfg.synth_seed, dist)

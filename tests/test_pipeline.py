@@ -1,5 +1,6 @@
 """The whole pipeline on a very small setting (a few steps per stage), so CI catches breakage between
-stages: corpus -> Stage 1 -> Stage 2 -> evaluation of three checkpoints -> report; a re-run continues."""
+stages: corpus -> Stage 1 -> Stage 2 (+ the ablation variants) -> evaluation of every checkpoint -> report;
+a re-run continues."""
 import os
 import subprocess
 import sys
@@ -7,19 +8,20 @@ import sys
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_pipeline(out):
+def run_pipeline(out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "pipeline.py", "--quick", "--out", str(out)], cwd=HERE, env=env,
+    return subprocess.run([sys.executable, "pipeline.py", "--quick", "--out", str(out), *extra], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def test_pipeline_quick_end_to_end(tmp_path):
-    r = run_pipeline(tmp_path)
+    r = run_pipeline(tmp_path, "--ablations")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (tmp_path / "report" / "REPORT.md").read_text()
     for table in ("Table 1", "Table 2", "Table 3", "Table 4"):
         assert table in report
-    for name in ("untrained", "stage1_sta", "stage2_grpo"):
+    for name in ("untrained", "stage1_sta", "stage2_grpo", "sft_no_timestamps", "grpo_wo_grounding",
+                 "grpo_wo_compaction"):
         assert f"| {name} |" in report
     assert (tmp_path / "sta_tiny" / "ckpt" / "latest" / "config.json").exists()
     assert (tmp_path / "grpo_tiny" / "ckpt" / "latest" / "config.json").exists()

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M                                                  # noqa: E402
+from parity import max_diff, redraw                             # noqa: E402
 from audio_encoder import N_SAMPLES, num_audio_tokens, split_windows, windowed_features  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -24,19 +25,6 @@ WORDS = ["<pad>", "<unk>", "what", "is", "said", "?", "the", "speech"]
 
 # ---------------------------------------------------------------------------
 # Helpers: tiny AF3, and the released processor around a tiny word-level tokenizer.
-def redraw(module, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 and "norm" in name else 0.0))
-    return module
-
-
-def max_diff(a, b, mask=None):
-    d = (a.float() - b.float()).abs()
-    return (d[mask.bool()] if mask is not None else d).max().item()
-
-
 def af3_config(**kw):
     return transformers.AudioFlamingo3Config(
         audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=128, hidden_size=32, num_hidden_layers=2,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M                                                  # noqa: E402
+from parity import max_diff, redraw                             # noqa: E402
 from audio_encoder import features, num_audio_tokens  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -21,14 +22,6 @@ TOL = 2e-5
 
 # ---------------------------------------------------------------------------
 # Helpers: tiny HF models with every parameter redrawn.
-def redraw(module, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 and "norm" in _ else 0.0))
-    return module
-
-
 def left_padded(vocab, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)
@@ -38,11 +31,6 @@ def left_padded(vocab, lengths, seed=0):
         mask[b, T - n:] = 1
         ids[b, :T - n] = 0
     return ids, mask
-
-
-def max_diff(a, b, mask=None):
-    d = (a.float() - b.float()).abs()
-    return (d[mask.bool()] if mask is not None else d).max().item()
 
 
 QWEN2 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M                                                  # noqa: E402
+from parity import max_diff, redraw                             # noqa: E402
 from audio_encoder import OmniAudioEncoder, feature_mask, features, num_audio_tokens, sinusoids  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -23,19 +24,6 @@ VOCAB, AUDIO, BOS, EOS, IMAGE, VIDEO, VISION_BOS = 128, 120, 118, 119, 121, 122,
 
 # ---------------------------------------------------------------------------
 # Helpers: a tiny thinker with every parameter redrawn, written in both layouts.
-def redraw(module, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 and "norm" in name else 0.0))
-    return module
-
-
-def max_diff(a, b, mask=None):
-    d = (a.float() - b.float()).abs()
-    return (d[mask.bool()] if mask is not None else d).max().item()
-
-
 def thinker_config():
     return transformers.Qwen2_5OmniThinkerConfig(
         audio_config=dict(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=4,

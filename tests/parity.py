@@ -1,0 +1,18 @@
+"""Helpers shared by the parity tests: redraw every parameter of a tiny reference model (so a wrong norm,
+bias or weight mapping cannot hide behind default initialisations), and the error that is reported."""
+import torch
+
+
+def redraw(module, seed=0, scale=0.2):
+    """Every parameter ~ N(0, scale^2), norms' weights around 1; deterministic in seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 and "norm" in name else 0.0))
+    return module
+
+
+def max_diff(a, b, mask=None):
+    """Largest absolute difference, over the positions where mask is true when given."""
+    d = (a.float() - b.float()).abs()
+    return (d[mask.bool()] if mask is not None else d).max().item()

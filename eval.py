@@ -495,23 +495,6 @@ _NUM_RE = re.compile(r"\d+(?:\.\d+)?")
 _TIME_NUM_RE = re.compile(rf"{_NUM_RE.pattern}(?=\s*(?:seconds?|secs?|s)(?![a-z]))", re.IGNORECASE)
 
 
-def span_mentions(text) -> list[tuple[int, int, tuple[float, float]]]:
-    """(char_start, char_end, (s, e)) of every span mention, in reading order, with reward.extract_spans'
-    overlap rule (reward.py's own patterns: one parser). Unlike extract_spans, repeats are kept."""
-    text = text if isinstance(text, str) else ""
-    hits = []
-    for rank, rx in enumerate(reward._SPAN_RES):
-        for m in rx.finditer(text):
-            hits.append((m.start(), m.end(), rank, (float(m.group(1)), float(m.group(2)))))
-    hits.sort(key=lambda h: (h[0], -h[1], h[2]))
-    out, taken_until = [], -1
-    for start, end, _, span in hits:
-        if start >= taken_until:
-            out.append((start, end, span))
-            taken_until = end
-    return out
-
-
 def _norm_words(text: str) -> list[str]:
     return [_NUMBER_ALIASES.get(w, w) for w in re.findall(r"\w+", text.lower())]
 
@@ -570,7 +553,7 @@ def audio_verify(text, words, pad: float = 0.5, min_inside: float = 0.5):
            for w in (words or [])]
     lines = text.rstrip().rsplit("\n", 1)
     body = lines[0] if len(lines) == 2 else text       # the final answer line is not a claim about a span
-    mentions = span_mentions(body)
+    mentions = reward.span_mentions(body)
     if not mentions or not ref:
         return None, []
     details = []
@@ -683,13 +666,9 @@ class Checkpoint:
         return {"checkpoint": os.path.realpath(self.path), "family": self.family, "pad_to_30s": self.pad_to_30s}
 
     def load_audio(self, path: str):
-        """Cached waveform. Without 30 s padding each clip is zero-padded to whole 10 ms hops (at most 9.9 ms),
-        the workaround train_sta.py uses: audio_encoder.features pads a batch to its longest clip's samples,
-        giving floor(n / hop) mel frames where the placeholder count (num_mel_frames) is ceil(n / hop)."""
+        """Cached waveform (data.load_audio: mono, 16 kHz)."""
         if path not in self.audio_cache:
-            wav = data.load_audio(path)
-            hop = data.audio_encoder.HOP_LENGTH
-            self.audio_cache[path] = wav if self.pad_to_30s else F.pad(wav, (0, -wav.shape[-1] % hop))
+            self.audio_cache[path] = data.load_audio(path)
         return self.audio_cache[path]
 
 
@@ -1078,7 +1057,7 @@ def token_phases(tok, ids: list[int], choices=None) -> list[set]:
     has_answer = n_lines > 1 or (choices and extract_choice(text, choices) is not None)
     answer_from = line_start + (len(stripped[line_start:]) - len(stripped[line_start:].lstrip())) \
         if has_answer else len(text) + 1
-    numbers = [(m.start(), m.end()) for a, b, _ in span_mentions(text) for m in _NUM_RE.finditer(text, a, b)]
+    numbers = [(m.start(), m.end()) for a, b, _ in reward.span_mentions(text) for m in _NUM_RE.finditer(text, a, b)]
     numbers += [(m.start(), m.end()) for m in _TIME_NUM_RE.finditer(text)]
     out = []
     for a, b in zip(starts, ends):

@@ -80,20 +80,29 @@ def extract_spans(text) -> list[tuple[float, float]]:
     is kept as written (a reversed span stays reversed, so the hallucination check can see it).
     Distinct = same (start, end) values; the authors' code would count repeats and overlaps again.
     """
+    spans = []
+    for _, _, span in span_mentions(text):
+        if span not in spans:
+            spans.append(span)
+    return spans
+
+
+def span_mentions(text) -> list[tuple[int, int, tuple[float, float]]]:
+    """(char_start, char_end, (start, end)) of every span mention in reading order, repeats kept: where
+    matches of different forms overlap, the one starting first (then the longest, then the earlier form)
+    is the mention and the others inside it are skipped. eval.py uses it to tell which tokens write times."""
     text = _as_text(text)
     hits = []                                     # (char_start, char_end, pattern_rank, span)
     for rank, rx in enumerate(_SPAN_RES):
         for m in rx.finditer(text):
             hits.append((m.start(), m.end(), rank, (float(m.group(1)), float(m.group(2)))))
     hits.sort(key=lambda h: (h[0], -h[1], h[2]))
-    spans, taken_until = [], -1
+    out, taken_until = [], -1
     for start, end, _, span in hits:
-        if start < taken_until:                   # inside a mention already read
-            continue
-        taken_until = end
-        if span not in spans:
-            spans.append(span)
-    return spans
+        if start >= taken_until:                  # not inside a mention already read
+            out.append((start, end, span))
+            taken_until = end
+    return out
 
 
 def count_spans_paper(text) -> int:

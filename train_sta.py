@@ -222,18 +222,11 @@ def without_timestamps(examples):
 
 
 def cache_audio(examples, audio_cache):
-    """Load each clip once (the tiny corpus fits in memory), zero-padded to whole 10 ms hops.
-
-    The padding (at most 9.9 ms of trailing silence) makes the mel-frame count of every clip exact whatever
-    the batch it lands in (it worked around an early audio_encoder.features off-by-one), and eval.py loads
-    clips the same way, so training and evaluation see identical features.
-    """
+    """Load each clip once (the tiny corpus fits in memory)."""
     import data
-    from audio_encoder import HOP_LENGTH
     for ex in examples:
         if ex["audio"] not in audio_cache:
-            wav = data.load_audio(ex["audio"])
-            audio_cache[ex["audio"]] = F.pad(wav, (0, -wav.shape[-1] % HOP_LENGTH))
+            audio_cache[ex["audio"]] = data.load_audio(ex["audio"])
 
 
 def epoch_order(n, seed, epoch):

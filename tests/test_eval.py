@@ -341,7 +341,7 @@ WORDS = [("the", 0.0, 0.2), ("red", 0.3, 0.6), ("fox", 0.7, 1.0), ("runs", 1.1, 
 
 def test_span_mentions_positions():
     text = 'From 0.30s to 1.00s "a". The segment starts at 2.5 seconds and ends at 3 seconds; (0.30-1.00 s).'
-    m = E.span_mentions(text)
+    m = R.span_mentions(text)
     assert [s for _, _, s in m] == [(0.3, 1.0), (2.5, 3.0), (0.3, 1.0)]          # repeats kept, unlike extract_spans
     assert text[m[0][0]:m[0][1]] == "From 0.30s to 1.00s"
     assert text[m[2][0]:m[2][1]] == "(0.30-1.00 s)"

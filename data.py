@@ -6,7 +6,8 @@ on CPU can learn it: 1.4-7 s clips (mean 3.6 s) of espeak-ng speech (22 voices, 
 background noise) over a ~155-word vocabulary in simple sentences, with exact word timings. Each clip gives
 STA pairs and one four-option question whose answer needs one span of the audio (qa_type: next_word, count,
 speaker, number_between, color_of, word_at_time, where), with its evidence span, the turn segments, and a
-reference grounded answer in `reasoning` ('From 1.20s to 1.85s, the speaker says "..."' + 'Final answer: (b) x').
+reference grounded answer in `reasoning` ('From 1.20s to 1.85s, the speaker says "..."' + 'Final answer: (b) x';
+the evidence is cited in 1..3 pieces, see citation_chunks).
 
 Commands (all write JSONL; every skipped input row is counted and reported at the end):
     python data.py synth --out DIR --seed 0 --n 2000 [--workers 2] [--sta-per-clip 4] [--noise-prob 0.3]
@@ -50,7 +51,7 @@ import torch
 
 import audio_encoder
 from audio_encoder import SAMPLE_RATE, num_audio_tokens
-from tokenizer import build_prompt, end_of_turn
+from tokenizer import AUDIO_PLACEHOLDER, build_prompt, end_of_turn
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 LETTERS = "abcdefgh"
@@ -638,8 +639,8 @@ def _sentence(rng, kind):
 
 def _scene(rng, qa_type):
     """Turns (word lists, one voice each) and a question builder for one clip of the given QA type.
-    Returns (turns, make_qa); make_qa(timed words per turn) -> (question, choices, answer, evidence span,
-    quoted text, who says it, optional explanation); the choices are shuffled later."""
+    Returns (turns, make_qa); make_qa(timed words per turn) -> (question, choices, answer, evidence words,
+    who says them, optional explanation); the choices are shuffled later."""
     V = VOCAB
     if qa_type == "speaker":
         n_turns = rng.choice([2, 2, 3])
@@ -651,8 +652,8 @@ def _scene(rng, qa_type):
             ws = tw[k]
             said = " ".join(w.word for w in ws)
             ans = f"the {ORDINALS[k]} speaker"
-            return (f'Which speaker says "{said}"?', [f"the {o} speaker" for o in ORDINALS], ans,
-                    (ws[0].start, ws[-1].end), said, f"the {ORDINALS[k]} speaker says", "")
+            return (f'Which speaker says "{said}"?', [f"the {o} speaker" for o in ORDINALS], ans, ws,
+                    f"the {ORDINALS[k]} speaker says", "")
         return turns, make
     if qa_type == "count":
         n_items = rng.randint(3, 4)
@@ -665,8 +666,7 @@ def _scene(rng, qa_type):
             animals = [w.word for w in ws if CATEGORY.get(w.word) == "animal"]
             listed = animals[0] if len(animals) == 1 else ", ".join(animals[:-1]) + " and " + animals[-1]
             ans = ["one", "two", "three", "four"][n_animals - 1]
-            return ("How many animals are named?", ["one", "two", "three", "four"], ans, (ws[0].start, ws[-1].end),
-                    " ".join(w.word for w in ws), "the speaker says",
+            return ("How many animals are named?", ["one", "two", "three", "four"], ans, ws, "the speaker says",
                     f"The animals named are {listed}, so the answer is {ans}.")
         return [words], make
     if qa_type == "number_between":
@@ -677,7 +677,7 @@ def _scene(rng, qa_type):
             a, x, b = ws[k - 1], ws[k], ws[k + 1]
             others = [n for n in nums if n != x.word] + rng.sample([n for n in V["number"] if n not in nums], 3)
             return (f'What number is said between "{a.word}" and "{b.word}"?', [x.word] + rng.sample(others, 3),
-                    x.word, (a.start, b.end), f"{a.word} {x.word} {b.word}", "the speaker says", "")
+                    x.word, [a, x, b], "the speaker says", "")
         return [["the", "numbers"] + nums], make
     if qa_type == "color_of":
         colors, animals = rng.sample(V["color"], 2), rng.sample(V["animal"], 2)
@@ -688,8 +688,7 @@ def _scene(rng, qa_type):
             ws = tw[0]
             c, a = ws[1 + 5 * k], ws[2 + 5 * k]
             choices = [c.word, colors[1 - k]] + rng.sample([x for x in V["color"] if x not in colors], 2)
-            return (f"What color is the {a.word}?", choices, c.word, (c.start, a.end), f"{c.word} {a.word}",
-                    "the speaker says", "")
+            return f"What color is the {a.word}?", choices, c.word, [c, a], "the speaker says", ""
         return [words], make
     if qa_type == "where":
         people, places = rng.sample(V["name"], 2), rng.sample(V["place"], 2)
@@ -698,8 +697,7 @@ def _scene(rng, qa_type):
         def make(tw):
             ws = tw[0][6 * k:6 * k + 5]
             choices = [places[k], places[1 - k]] + rng.sample([p for p in V["place"] if p not in places], 2)
-            return (f"Where does {people[k]} go?", choices, places[k], (ws[0].start, ws[-1].end),
-                    " ".join(w.word for w in ws), "the speaker says", "")
+            return f"Where does {people[k]} go?", choices, places[k], ws, "the speaker says", ""
         return [words], make
     # next_word and word_at_time: one or two plain sentences
     turns = [_sentence(rng, rng.choice(["desc", "have", "go"])) + (
@@ -712,8 +710,8 @@ def _scene(rng, qa_type):
         def make(tw):
             a, b = tw[0][k], tw[0][k + 1]
             pool = [w for w in VOCAB[CATEGORY[b.word]] if w != b.word]
-            return (f'Which word comes right after "{a.word}"?', [b.word] + rng.sample(pool, 3), b.word,
-                    (a.start, b.end), f"{a.word} {b.word}", "the speaker says", "")
+            return (f'Which word comes right after "{a.word}"?', [b.word] + rng.sample(pool, 3), b.word, [a, b],
+                    "the speaker says", "")
         return turns, make
     if qa_type == "word_at_time":
         k = rng.choice(content)
@@ -722,9 +720,19 @@ def _scene(rng, qa_type):
             pool = [x for x in dict.fromkeys(words) if x != w.word and x in CATEGORY]
             pool += [x for x in VOCAB[CATEGORY[w.word]] if x != w.word and x not in pool]
             return (f"Which word is spoken from {w.start:.2f}s to {w.end:.2f}s?", [w.word] + rng.sample(pool[:8], 3),
-                    w.word, (w.start, w.end), w.word, "the speaker says", "")
+                    w.word, [w], "the speaker says", "")
         return turns, make
     raise ValueError(f"unknown QA type {qa_type!r}; expected one of {QA_TYPES}")
+
+
+def citation_chunks(ws: list, seed: int, index: int) -> list:
+    """How finely a reference answer cites its evidence words: 1..3 contiguous pieces (uniform, at most one per
+    word), so Stage 1 teaches a spread of span counts for the compaction reward to act on (the paper's models
+    cite one to several spans). Its own RNG, so the rest of the clip does not depend on it."""
+    rng = random.Random(f"tgsr-cite-{seed}-{index}")
+    k = rng.randint(1, min(3, len(ws)))
+    bounds = [round(i * len(ws) / k) for i in range(k + 1)]
+    return [ws[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def synth_clip(index: int, seed: int, out_dir: str, sta_per_clip: int = 4, noise_prob: float = 0.3,
@@ -768,14 +776,15 @@ def synth_clip(index: int, seed: int, out_dir: str, sta_per_clip: int = 4, noise
     sf.write(os.path.join(out_dir, rel), audio, SAMPLE_RATE, subtype="PCM_16")
     duration = round(len(audio) / SAMPLE_RATE, 3)
 
-    q, choices, ans, (s, e), said, who, why = make_qa(words_t)
-    s, e = round(s, 2), round(e, 2)
+    q, choices, ans, ws, who, why = make_qa(words_t)
+    s, e = round(ws[0].start, 2), round(ws[-1].end, 2)
     order = list(range(len(choices)))
     rng.shuffle(order)
     choices = [choices[i] for i in order]
     letter = LETTERS[choices.index(ans)]
-    reasoning = f'From {s:.2f}s to {e:.2f}s, {who} "{said}".' + (f" {why}" if why else "") + \
-        f"\nFinal answer: ({letter}) {ans}"
+    reasoning = " ".join(f'From {round(c[0].start, 2):.2f}s to {round(c[-1].end, 2):.2f}s, {who} '
+                         f'"{" ".join(w.word for w in c)}".' for c in citation_chunks(ws, seed, index)) + \
+        (f" {why}" if why else "") + f"\nFinal answer: ({letter}) {ans}"
     all_words = [w for tw in words_t for w in tw]
     qa = qa_record(f"synth-{seed}-{index:06d}", rel, q, choices, ans, duration=duration,
                    evidence=[[s, e]], segments=segments, reasoning=reasoning,
@@ -938,6 +947,50 @@ def collate_sft(examples, tokenizer, family, n_mels, pad_to_30s, audio_cache=Non
     loss_mask = (pos >= torch.tensor(n_prompt)[:, None]) & attention_mask.bool()      # (B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
             "input_features": feats, "feature_attention_mask": feat_mask}
+
+
+def collate_packed(groups, tokenizer, family, n_mels, pad_to_30s, audio_cache=None) -> dict:
+    """SFT batch with one row per clip: each group (examples sharing one audio file) becomes one row holding the
+    shared prompt prefix (system turn, audio placeholders, ...) once, then every example's rest of prompt +
+    answer as a branch. A branch attends to the prefix and to itself only, at the positions it has alone, so
+    the loss is that of the examples in separate rows (tests/test_train_sta.py) at a fraction of the tokens,
+    and the audio is encoded once per clip. attention_mask is (B, 1, T, T) bool, with position_ids; token_mask
+    (B, T) marks the real tokens."""
+    feats, feat_mask, n_tokens = _audio_inputs([g[0] for g in groups], family, n_mels, pad_to_30s, audio_cache)
+    rows, positions, branches, targets = [], [], [], []
+    for group, n in zip(groups, n_tokens):
+        if len({ex["audio"] for ex in group}) != 1:
+            raise ValueError(f"collate_packed: a group must share one audio file, got {[ex['audio'] for ex in group]}")
+        prompts = [tokenizer.encode(build_prompt(family, prompt_text(ex), n)) for ex in group]
+        answers = [tokenizer.encode(target_text(ex) + end_of_turn(family)) for ex in group]
+        shared = min(len(p) for p in prompts) - 1        # every branch keeps >= 1 prompt token before its answer
+        for p in prompts[1:]:
+            shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
+        row, pos, branch, target = prompts[0][:shared], list(range(shared)), [0] * shared, [False] * shared
+        if row.count(tokenizer.token_to_id(AUDIO_PLACEHOLDER[family])) != n:
+            raise ValueError(f"collate_packed: the shared prompt prefix of {group[0]['audio']} does not hold all "
+                             f"{n} audio placeholders")
+        for j, (p, a) in enumerate(zip(prompts, answers), start=1):
+            tail = p[shared:] + a
+            row += tail
+            pos += range(shared, shared + len(tail))
+            branch += [j] * len(tail)
+            target += [False] * (len(p) - shared) + [True] * len(a)
+        rows.append(row)
+        positions.append(pos)
+        branches.append(branch)
+        targets.append(target)
+    input_ids, valid = _pad(rows, tokenizer.pad_token_id, left=False)                   # (B, T)
+    T = input_ids.shape[1]
+    position_ids, _ = _pad(positions, 0, left=False)
+    branch, _ = _pad(branches, -1, left=False)                                           # pads: -1
+    loss_mask = _pad([[int(t) for t in ts] for ts in targets], 0, left=False)[0].bool()
+    i = torch.arange(T)
+    causal = (i[None, :] <= i[:, None])[None]                                            # (1, T, T)
+    same = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])        # key in prefix or own branch
+    mask = (causal & same & valid.bool()[:, None, :]) | (i[None, :] == i[:, None])[None]  # pads see themselves
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+            "loss_mask": loss_mask, "token_mask": valid, "input_features": feats, "feature_attention_mask": feat_mask}
 
 
 def collate_prompts(examples, tokenizer, family, n_mels, pad_to_30s, audio_cache=None) -> dict:

@@ -150,20 +150,23 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_valid, k, v) -> torch.
     The prompt's keys and values are stored and read once per prompt instead of once per row, and one softmax
     runs over [prompt keys, the row's own keys]. With audio prompts (hundreds of tokens) and G = 8 the prompt
     is most of a step's key/value traffic and of the cache's memory.
-    q (B*G, H, 1, hd); prefix_k/v (B, H_kv, T, hd), prefix_valid (B, T); k/v (B*G, H_kv, S, hd): the rows' own
-    keys so far (all valid) -> (B*G, 1, H*hd). Einsum letters: b prompt, g row of the group, j kv head,
-    r query head of kv head j (GQA: query head j*r + r' uses kv head j), t prompt key, s own key, d head dim.
+    q (B*G, H, 1, hd); prefix_k/v (B, H_kv, T, hd), prefix_valid (B, T) or None (no left pads); k/v
+    (B*G, H_kv, S, hd): the rows' own keys so far (all valid) -> (B*G, 1, H*hd). GQA: query head j*r + i uses
+    kv head j, so the G rows' r query heads of kv head j are stacked as the rows of one matmul with the prompt.
     """
     BG, H, _, hd = q.shape
     B, Hkv, T, _ = prefix_k.shape
-    G, S = BG // B, k.shape[2]
-    q = q.reshape(B, G, Hkv, H // Hkv, hd)
-    k, v = k.view(B, G, Hkv, S, hd), v.view(B, G, Hkv, S, hd)
-    s_prompt = torch.einsum("bgjrd,bjtd->bgjrt", q, prefix_k).float()                    # (B, G, H_kv, r, T)
-    s_own = torch.einsum("bgjrd,bgjsd->bgjrs", q, k).float()                             # (B, G, H_kv, r, S)
-    s_prompt = s_prompt.masked_fill(~prefix_valid[:, None, None, None, :], float("-inf"))      # left pads
-    p = (torch.cat([s_prompt, s_own], -1) * hd ** -0.5).softmax(-1).to(v.dtype)
-    o = torch.einsum("bgjrt,bjtd->bgjrd", p[..., :T], prefix_v) + torch.einsum("bgjrs,bgjsd->bgjrd", p[..., T:], v)
+    G, r = BG // B, H // Hkv
+    q_prompt = q.view(B, G, Hkv, r, hd).transpose(1, 2).reshape(B, Hkv, G * r, hd)     # rows g*r + i
+    s_prompt = q_prompt @ prefix_k.transpose(-1, -2)                                    # (B, Hkv, G*r, T)
+    if prefix_valid is not None:                                                        # left pads
+        s_prompt = s_prompt.masked_fill(~prefix_valid[:, None, None, :], float("-inf"))
+    s_own = q.view(BG, Hkv, r, hd) @ k.transpose(-1, -2)                                # (B*G, Hkv, r, S)
+    s_prompt = s_prompt.view(B, Hkv, G, r, T).transpose(1, 2).reshape(BG, Hkv, r, T)
+    p = (torch.cat([s_prompt, s_own], -1).float() * hd ** -0.5).softmax(-1).to(v.dtype)  # (B*G, Hkv, r, T+S)
+    p_prompt = p[..., :T].reshape(B, G, Hkv, r, T).transpose(1, 2).reshape(B, Hkv, G * r, T)
+    o = (p_prompt @ prefix_v).view(B, Hkv, G, r, hd).transpose(1, 2).reshape(BG, Hkv, r, hd)
+    o = o + p[..., T:] @ v                                                              # (B*G, Hkv, r, hd)
     return o.reshape(BG, 1, H * hd)
 
 
@@ -267,18 +270,28 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, return_hidden=False,
                 output_attentions=False, inputs_embeds=None):
+        """attention_mask: (B, T) 1 = valid token (causal attention over valid keys), or a (B, 1, T, T) bool mask
+        (True = query row may attend to key column) used as is, e.g. for packed sequences (data.collate_packed);
+        a 4-D mask needs explicit position_ids."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask) if attention_mask is not None \
-                else torch.arange(T, device=h.device).expand(B, T)
-        # No attention_mask: plain causal attention (SDPA's is_causal, flash-capable). Right-padded training
-        # batches may omit the mask too: pads sit after every valid token, so causality already hides them.
-        mask = None
-        if attention_mask is not None or output_attentions:
-            key_valid = torch.ones(B, T, dtype=torch.bool, device=h.device) if attention_mask is None \
-                else attention_mask.bool()
-            mask = causal_mask(key_valid, T)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None or attention_mask.shape != (B, 1, T, T) or attention_mask.dtype != torch.bool:
+                raise ValueError(f"a 4-D attention_mask must be a bool (B, 1, T, T) = {(B, 1, T, T)} mask with "
+                                 f"position_ids; got {tuple(attention_mask.shape)} {attention_mask.dtype}, "
+                                 f"position_ids {'given' if position_ids is not None else 'None'}")
+            mask = attention_mask
+        else:
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask) if attention_mask is not None \
+                    else torch.arange(T, device=h.device).expand(B, T)
+            # No attention_mask: plain causal attention (SDPA's is_causal, flash-capable). Right-padded training
+            # batches may omit the mask too: pads sit after every valid token, so causality already hides them.
+            mask = None
+            if attention_mask is not None or output_attentions:
+                key_valid = torch.ones(B, T, dtype=torch.bool, device=h.device) if attention_mask is None \
+                    else attention_mask.bool()
+                mask = causal_mask(key_valid, T)
         h, attentions = self.decode(h, position_ids, mask, output_attentions=output_attentions)
         out = h if return_hidden else h @ self.lm_head_weight().T        # (B, T, V)
         return (out, attentions) if output_attentions else out
@@ -429,8 +442,10 @@ def decoder_of(model: nn.Module) -> CausalLM:
 def sample(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=None) -> torch.Tensor:
     """(N, V) logits -> (N,) token ids. temperature 0 is greedy.
 
-    Draws by the exponential race argmax(p / E), E ~ Exp(1): an exact sample from p with one kernel and
-    no multinomial host sync; the same generator state gives the same draw for the same probabilities.
+    Draws by inverse transform: one uniform per row, located in the row's cumulative probabilities
+    (searchsorted), so no multinomial host sync and one random number per row instead of one per vocabulary
+    entry; the same generator state gives the same draw for the same probabilities. A token of probability 0
+    is never drawn (the uniform is kept strictly below the row's total).
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -443,8 +458,11 @@ def sample(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p                 # keep the smallest prefix reaching top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(-1)
+    cdf = probs.cumsum(-1)                                                              # (N, V)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)                           # first cdf > u
 
 
 @torch.no_grad()
@@ -474,7 +492,8 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     h, _ = lm.decode(h, pos, causal_mask(key_valid, T), prompt_cache, 0)
     logits = (h[:, -1] @ lm.lm_head_weight().T).repeat_interleave(G, 0)                    # (B*G, V)
 
-    prefix = [(k, v, key_valid) for k, v in prompt_cache]          # the prompt's keys: one copy per prompt
+    valid = None if bool(key_valid.all()) else key_valid           # no left pads: nothing to mask
+    prefix = [(k, v, valid) for k, v in prompt_cache]              # the prompt's keys: one copy per prompt
     cache = lm.new_cache(B * G, N)                                  # each row's own keys
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                                       # (B*G, 1)
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=dev).reshape(-1)

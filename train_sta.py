@@ -10,9 +10,12 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11, 2 shared CPU cores, 1 thread): 1500 steps x 16 examples,
-  ~1.0 CPU-s per step; held-out mean IoU 0.34 (400 pairs, seed 1; 21.5% >= 0.7; train pairs 0.39): the
-  target of 0.7 is NOT reached yet; the remaining error is coarse localisation (median 0.3-0.4 s).
+  scores it on the held-out pairs. Measured (2026-11-22, 2 CPU cores, 2 threads, python pipeline.py): 1100
+  steps x 8 clips (~53 examples) in 14.3 min, 57-84 examples/s, 4,000-5,900 tokens/s; held-out mean IoU 0.43
+  (800 pairs, seed 1; 28.5% >= 0.7, SED-F1 0.32), up from 0.33 with the earlier unpacked recipe in 20 min.
+  The target of 0.7 is NOT reached: teacher-forced on 160 held-out answers, the model copies the phrase (99.5%
+  of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance 10%); a decimal
+  time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips).
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
     python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_qwen2_5_omni.json \
@@ -45,6 +48,13 @@ Deviations from the paper:
     every word with its onset, a much denser alignment signal than one phrase per example, which a
     from-scratch model needs (held-out IoU 0.34 vs 0.20 without it at step 450, 32 pairs: noisy).
     The paper's Stage 1 is STA pairs only (both fractions 0 in the paper configs).
+  * Two more aids of the tiny default, off in the paper configs: (c) `pack`: the examples of one clip share
+    one row behind one copy of the audio (data.collate_packed; each branch sees the audio prefix and itself
+    at its own positions, so the loss and gradients are exactly those of separate rows), ~2.2x the examples
+    per second; batch_size then counts clips; (d) `align_weight`: a frame-word alignment loss, each audio token
+    (projector output) read through the tied LM head must name the word spoken at its centre (word times from
+    words.jsonl; align_labels), which gives a from-scratch encoder the word recognition a released LALM brings
+    from pre-training. Neither changes the checkpoint layout; the alignment loss needs no extra parameters.
   * Not in the paper (it gives only the lr, batch and accumulation): linear warmup + cosine decay to min_lr,
     AdamW betas and weight decay, gradient clipping at 1.0, one epoch (~1047 steps of 256) for the 7B runs.
     Loss = mean cross-entropy over all answer tokens of the global batch (not a mean of per-example means).
@@ -70,7 +80,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import runlib
-from audio_encoder import encoder_config
+from audio_encoder import AUDIO_TOKENS_PER_SECOND, encoder_config
 
 # ---------------------------------------------------------------------------
 # Config
@@ -87,6 +97,10 @@ class Config:
     eval_synth_seed: int = 1
     reasoning_frac: float = 0.15            # fraction of training examples that are QA with a reasoning target
     transcribe_frac: float = 0.25           # fraction that are word-timestamped transcripts (words.jsonl)
+    pack: bool = True                       # tiny default: one row per clip, its examples as branches behind one
+                                            # copy of the audio (data.collate_packed); batch_size counts clips
+    align_weight: float = 0.5               # tiny default: weight of the frame-word alignment loss (0: off; needs
+                                            # words.jsonl word times; see align_labels)
     timestamps: bool = True                 # False: the "reasoning SFT without timestamps" ablation (no STA
                                             # pairs; QA reasoning and transcripts with every time removed)
     family: str = "qwen2_audio"             # chat template / architecture family
@@ -103,8 +117,8 @@ class Config:
     dec_layers: int = 3
     dec_heads: int = 4
     # optimisation
-    max_steps: int = 1500
-    batch_size: int = 16                    # per process, per micro-step
+    max_steps: int = 1100
+    batch_size: int = 8                     # per process, per micro-step (clips when pack, else examples)
     grad_accum: int = 1
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -123,11 +137,11 @@ class Config:
     out_dir: str = "out/sta_tiny"
     seed: int = 1337
     device: str = "auto"
-    eval_every: int = 250
+    eval_every: int = 275
     eval_n: int = 64                        # held-out pairs decoded per evaluation
     eval_batch_size: int = 16
     max_new_tokens: int = 48
-    save_every: int = 250
+    save_every: int = 275
     keep_last: int = 2
     resume: bool = True                     # continue from out_dir/ckpt/latest when it exists
     stop_at: int = 0                        # stop after this step (0: max_steps) keeping the schedule of max_steps
@@ -212,13 +226,45 @@ def without_timestamps(examples):
     kept = []
     for e in examples:
         if "choices" in e:
-            text = SPAN_PREFIX.sub("", e["reasoning"])
-            kept.append({**e, "reasoning": text[:1].upper() + text[1:]})
+            text = re.sub(r"(^|\. )([a-z])", lambda m: m[1] + m[2].upper(), SPAN_PREFIX.sub("", e["reasoning"]))
+            kept.append({**e, "reasoning": text})
         elif e.get("question") == TRANSCRIBE_QUESTION:
             kept.append({**e, "answer": WORD_TIME.sub("", e["answer"])})
     if not kept:
         raise ValueError("timestamps=false needs reasoning_frac or transcribe_frac > 0 (nothing left to train on)")
     return [kept[i % len(kept)] for i in range(len(examples))]
+
+
+def word_times(data_dir):
+    """{absolute audio path: [(word, start, end), ...]} from the corpus's words.jsonl (for align_labels)."""
+    path = os.path.join(data_dir, "words.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"align_weight > 0 needs word times in {path} (or set --align_weight=0)")
+    out = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            out[os.path.abspath(os.path.join(data_dir, r["audio"]))] = [(w["word"], w["start"], w["end"])
+                                                                         for w in r["words"]]
+    return out
+
+
+def align_labels(examples, input_ids, audio_token_id, tok, words_of):
+    """Frame-word alignment targets for the audio rows of a batch (placeholder order): audio token k of a clip
+    covers [k, k + 1) x 0.04 s; its target is the first token of the word spoken at the token's centre, -100
+    (ignored) in silence or for clips without word times. The loss reads the projector's output through the
+    tied LM head, so each audio token learns to look like the word it holds: what a from-scratch model lacks
+    to find a phrase in the audio (a released LALM brings it from pre-training)."""
+    labels = []
+    for ex, n in zip(examples, (input_ids == audio_token_id).sum(-1).tolist()):
+        row = [-100] * n
+        for word, start, end in words_of.get(os.path.abspath(ex["audio"]), []):
+            first = tok.encode(" " + word)[0]
+            first_k, stop_k = (math.ceil(round(t * AUDIO_TOKENS_PER_SECOND - 0.5, 6)) for t in (start, end))
+            for k in range(max(0, first_k), min(n, stop_k)):
+                row[k] = first                                        # centre (k + 0.5) * 0.04 in [start, end)
+        labels += row
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def cache_audio(examples, audio_cache):
@@ -244,6 +290,16 @@ def global_batch(n, seed, position, size):
         out += order[offset:offset + take]
         position += take
     return out
+
+
+def training_units(examples, pack):
+    """What one batch slot holds: a single example, or with pack every example of one clip (their indices)."""
+    if not pack:
+        return [[i] for i in range(len(examples))]
+    by_audio = {}
+    for i, ex in enumerate(examples):
+        by_audio.setdefault(ex["audio"], []).append(i)
+    return list(by_audio.values())
 
 
 def rank_micro_batches(indices, examples, batch_size, grad_accum, dist):
@@ -289,7 +345,8 @@ def tiny_config(cfg, tok):
 
 
 class SFTLoss(nn.Module):
-    """Summed next-token cross-entropy over answer tokens, computed on the selected positions only.
+    """Summed next-token cross-entropy over answer tokens, computed on the selected positions only, and with
+    align_labels the summed frame-word alignment cross-entropy of the audio rows (else 0).
 
     Logits are formed for the answer positions alone (N x V instead of B x T x V: a 152k vocab at 1k
     tokens would otherwise dominate memory). Living inside one module lets DDP/FSDP2 wrap the whole step.
@@ -299,13 +356,20 @@ class SFTLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, loss_mask, input_features=None, feature_attention_mask=None):
-        hidden = self.model(input_ids, attention_mask=attention_mask, input_features=input_features,
-                            feature_attention_mask=feature_attention_mask, return_hidden=True)  # (B, T, D)
+    def forward(self, input_ids, attention_mask, loss_mask, input_features=None, feature_attention_mask=None,
+                align_labels=None, position_ids=None):
+        audio = None if input_features is None else self.model.encode_audio(input_features, feature_attention_mask)
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, audio_embeds=audio,
+                            return_hidden=True)                       # (B, T, D)
         select = loss_mask[:, 1:]                                     # token t is predicted at t-1
         h = hidden[:, :-1][select]                                    # (N, D)
-        logits = h @ self.model.lm_head_weight().t()                  # (N, V)
-        return F.cross_entropy(logits.float(), input_ids[:, 1:][select], reduction="sum")
+        weight = self.model.lm_head_weight()
+        loss = F.cross_entropy((h @ weight.t()).float(), input_ids[:, 1:][select], reduction="sum")
+        align = loss.new_zeros(())
+        if align_labels is not None and audio is not None:
+            keep = align_labels >= 0                                  # (N_audio,)
+            align = F.cross_entropy((audio[keep] @ weight.t()).float(), align_labels[keep], reduction="sum")
+        return loss, align
 
 
 def freeze(model, cfg):
@@ -389,6 +453,9 @@ def main(argv=None):
     if not cfg.timestamps:
         examples = without_timestamps(examples)
     heldout = data.load_examples(os.path.join(cfg.eval_data_dir, "sta.jsonl"), kind="sta")[:cfg.eval_n]
+    words_of = word_times(cfg.data_dir) if cfg.align_weight > 0 else None
+    units = training_units(examples, cfg.pack)
+    unit_info = [examples[u[0]] for u in units]                       # a unit's audio (duration) for bucketing
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
     tok_path = cfg.tokenizer or (latest or cfg.init_from)
     if not tok_path:
@@ -440,8 +507,8 @@ def main(argv=None):
     log(f"world {dist.world_size} | device {dist.device} | params {n_params / 1e6:.2f}M ({n_frozen / 1e6:.2f}M frozen)"
         f" | examples {len(examples)} ({sum('choices' in e for e in examples)} reasoning, "
         f"{sum(e['question'] == TRANSCRIBE_QUESTION for e in examples)} transcripts) | held-out {len(heldout)}"
-        f" | global batch {global_bs} = {cfg.batch_size} x {cfg.grad_accum} accum x {dist.world_size} procs"
-        f" | {cfg.max_steps} steps = {cfg.max_steps * global_bs / len(examples):.1f} epochs")
+        f" | global batch {global_bs} {'clips' if cfg.pack else 'examples'} = {cfg.batch_size} x {cfg.grad_accum}"
+        f" accum x {dist.world_size} procs | {cfg.max_steps} steps = {cfg.max_steps * global_bs / len(units):.1f} epochs")
 
     def save_weights(module, path, state_dict=None):
         inner = module.model                                          # SFTLoss -> the LALM
@@ -472,30 +539,45 @@ def main(argv=None):
         lr = runlib.cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = global_batch(len(examples), cfg.seed, position, global_bs)
-        micro = rank_micro_batches(indices, examples, cfg.batch_size, cfg.grad_accum, dist)
-        batches = [data.collate_sft([examples[i] for i in mb], tok, cfg.family, n_mels, cfg.pad_to_30s,
-                                    audio_cache=audio_cache) for mb in micro]
-        # normalise by the answer tokens of the whole global batch, so 1 and N processes give one loss
-        counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches))], dtype=torch.float64,
-                              device=dist.device)
-        n_answer = runlib.all_reduce_sum(counts, dist).item()
-        loss_sum, n_tokens, bad_batch = 0.0, 0, None
+        indices = global_batch(len(units), cfg.seed, position, global_bs)
+        micro = rank_micro_batches(indices, unit_info, cfg.batch_size, cfg.grad_accum, dist)
+        if cfg.pack:
+            batches = [data.collate_packed([[examples[i] for i in units[u]] for u in mb], tok, cfg.family, n_mels,
+                                           cfg.pad_to_30s, audio_cache=audio_cache) for mb in micro]
+        else:
+            batches = [data.collate_sft([examples[units[u][0]] for u in mb], tok, cfg.family, n_mels,
+                                        cfg.pad_to_30s, audio_cache=audio_cache) for mb in micro]
+        if words_of is not None:
+            for mb, b in zip(micro, batches):
+                b["align_labels"] = align_labels([unit_info[u] for u in mb], b["input_ids"], model.audio_token_id,
+                                                 tok, words_of)
+        # normalise by the answer tokens (aligned audio tokens) of the whole global batch: 1 and N processes agree
+        counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
+                               float(sum((b["align_labels"] >= 0).sum() for b in batches if "align_labels" in b))],
+                              dtype=torch.float64, device=dist.device)
+        n_answer, n_aligned = runlib.all_reduce_sum(counts, dist).tolist()
+        loss_sum, align_sum, n_tokens, bad_batch = 0.0, 0.0, 0, None
         for k, (mb, batch) in enumerate(zip(micro, batches)):
             batch = {key: v.to(dist.device) for key, v in batch.items() if torch.is_tensor(v)}
             runlib.set_grad_sync(step_module, k == len(batches) - 1)
             with autocast:
-                loss = step_module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                   batch.get("input_features"), batch.get("feature_attention_mask"))
+                loss, align = step_module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                          batch.get("input_features"), batch.get("feature_attention_mask"),
+                                          batch.get("align_labels"), batch.get("position_ids"))
             # DDP/FSDP average gradients over ranks; scale so the result is the global-token mean
-            (loss * dist.world_size / n_answer).backward()
+            total = loss / n_answer + (cfg.align_weight * align / n_aligned if n_aligned else 0.0)
+            (total * dist.world_size).backward()
             loss_sum += loss.item()
-            if not math.isfinite(loss.item()) and bad_batch is None:
-                bad_batch = [examples[i].get("id", examples[i]["audio"]) for i in mb]
-            n_tokens += int(batch["attention_mask"].sum())
-        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64,
+            align_sum += align.item()
+            if not math.isfinite(loss.item() + align.item()) and bad_batch is None:
+                bad_batch = [examples[i].get("id", examples[i]["audio"]) for u in mb for i in units[u]]
+            n_tokens += int(batch.get("token_mask", batch["attention_mask"]).sum())
+        n_examples = sum(len(units[u]) for u in indices)
+        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), align_sum], dtype=torch.float64,
                                                    device=dist.device), dist)
         loss_value = stats[0].item() / n_answer
+        align_value = stats[2].item() / n_aligned if n_aligned else 0.0
+        runlib.check_finite(align_value, "alignment loss", step + 1, f"batch at data position {position}")
         runlib.check_finite(loss_value, "loss", step + 1,
                             f"batch at data position {position}" + (f", first bad micro-batch {bad_batch}" if bad_batch else ""))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -506,12 +588,14 @@ def main(argv=None):
         step += 1
         position += global_bs
         dt = time.time() - t0
-        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tok_per_s": stats[1].item() / dt, "samples_per_s": global_bs / dt,
+        record = {"step": step, "loss": loss_value, **({"align_loss": align_value} if words_of else {}),
+                  "lr": lr, "grad_norm": grad_norm,
+                  "tok_per_s": stats[1].item() / dt, "samples_per_s": n_examples / dt,
                   "elapsed": time.time() - t_start}
         bar.update(1)
         if step % cfg.log_every == 0 or step == last_step:
-            line = runlib.step_line(step, cfg.max_steps, loss=loss_value, lr=lr, grad=grad_norm,
+            line = runlib.step_line(step, cfg.max_steps, loss=loss_value, **({"align": align_value} if words_of else {}),
+                                    lr=lr, grad=grad_norm,
                                     **{"tok/s": f"{record['tok_per_s']:.0f}",
                                        "samples/s": f"{record['samples_per_s']:.1f}"}, elapsed=record["elapsed"])
             if dist.is_main:

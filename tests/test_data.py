@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import reward  # noqa: E402
 import tokenizer as T  # noqa: E402
 from audio_encoder import num_audio_tokens, num_mel_frames  # noqa: E402
 
@@ -444,7 +445,11 @@ def test_synth_records(corpus):
         assert 0 <= s < e <= r["duration"]
         last = r["reasoning"].splitlines()[-1]
         assert last == f"Final answer: ({'abcd'[r['answer_index']]}) {r['answer']}"
-        assert r["reasoning"].startswith(f"From {s:.2f}s to {e:.2f}s, ")
+        spans = reward.extract_spans(r["reasoning"])           # the evidence, cited in 1..3 pieces in order
+        assert 1 <= len(spans) <= 3 and spans[0][0] == s and spans[-1][1] == e, (spans, s, e)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert r["reasoning"].startswith(f"From {s:.2f}s to {spans[0][1]:.2f}s, ")
+    assert {len(reward.extract_spans(r["reasoning"])) for r in qa} >= {1, 2}
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import data as D  # noqa: E402
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
 import tokenizer as T  # noqa: E402
+from reward import compaction_reward  # noqa: E402
 
 FAMILY = "qwen2_audio"
 REASONING = 'From 1.31s to 1.71s, the speaker says "small".\nFinal answer: (b) small'
@@ -127,8 +128,15 @@ def test_commands_on_oracle_completions(env, tmp_path, monkeypatch):
     assert res["parse_fail_rate"] == 0.0
     E.main(["qa", "--checkpoint", env["ck1"], "--manifest", env["qa"], "--out", str(tmp_path / "q.json"), *FAST])
     res = json.loads((tmp_path / "q.json").read_text())
-    assert res["accuracy"] == 100.0 and res["mean_r_tg"] == 0.5 and res["regions_explored"] == 1.0
-    assert res["audio_verify"] == 1.0 and res["consistency"] == 1.0 and res["evidence_iou"] == 1.0
+    recs = D.load_examples(env["qa"], kind="qa", check_audio=False)
+    ks = [len(E.extract_spans(r["reasoning"])) for r in recs]       # the reference cites 1..3 pieces
+    assert res["accuracy"] == 100.0 and res["regions_explored"] == pytest.approx(sum(ks) / len(ks))
+    assert res["mean_r_tg"] == pytest.approx(sum(compaction_reward(k) for k in ks) / len(ks))
+    # a piece of the evidence overlaps the evidence by its own share of it
+    pieces = [[(e - s) / (r["evidence"][0][1] - r["evidence"][0][0]) for s, e in E.extract_spans(r["reasoning"])]
+              for r in recs]
+    assert res["audio_verify"] == 1.0 and res["consistency"] == 1.0
+    assert res["evidence_iou"] == pytest.approx(sum(sum(p) / len(p) for p in pieces) / len(pieces), abs=1e-6)
     assert res["audio_verify_n"] == res["consistency_n"] == res["n"] == 6
 
 
@@ -140,8 +148,10 @@ def test_qa_scores_reference_reasoning(env):
     assert set(words) == {os.path.realpath(r["audio"]) for r in recs}
     for r in recs:
         item = E.qa_item("k", r, {"text": r["reasoning"], "n_tokens": 1, "truncated": False}, words)
-        assert item["correct"] == 1 and item["r_tg"] == 0.5 and item["regions_explored"] == 1
-        assert item["evidence_iou"] == 1.0 and item["consistency"] == 1.0
+        k = len(E.extract_spans(r["reasoning"]))
+        assert item["correct"] == 1 and item["r_tg"] == compaction_reward(k) and item["regions_explored"] == k
+        assert (item["evidence_iou"] == 1.0) if k == 1 else (0.0 < item["evidence_iou"] < 1.0)
+        assert item["consistency"] == 1.0
         assert item["audio_verify"] == 1.0 and item["span_iou"] > 0.0
     r = recs[0]
     s, e = E.extract_spans(r["reasoning"])[0]

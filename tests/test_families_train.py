@@ -17,6 +17,9 @@ import tokenizer as T                                              # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 
+VISION_TOKENS = ("<|IMAGE|>", "<|VIDEO|>", "<|vision_start|>")   # reserved ids text never produces
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
@@ -24,7 +27,7 @@ def corpus(tmp_path_factory):
     data.build_synth_corpus(str(root / "heldout"), seed=1, n=4, workers=1)
     texts = [line for f in ("sta.jsonl", "qa.jsonl") for line in open(root / "train" / f)]
     tok = T.train_sentencepiece(texts, str(root / "tok"), vocab_size=400,
-                                special_tokens=T.CHAT_SPECIAL_TOKENS + ("<sound>",))
+                                special_tokens=T.CHAT_SPECIAL_TOKENS + ("<sound>",) + VISION_TOKENS)
     return root, tok
 
 
@@ -43,8 +46,8 @@ def omni_checkpoint(path, tok):
         text_config={**text_config(tok.vocab_size), "rope_parameters": dict(
             rope_type="default", rope_theta=1e6, mrope_section=[2, 1, 1])},
         audio_token_index=ids["<|AUDIO|>"], audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"], image_token_index=tok.vocab_size - 1,
-        video_token_index=tok.vocab_size - 2, vision_start_token_id=tok.vocab_size - 3)
+        audio_end_token_id=ids["<|audio_eos|>"], image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"], vision_start_token_id=ids["<|vision_start|>"])
     transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).save_pretrained(path)
 
 

@@ -410,6 +410,26 @@ def test_sample_top_k_top_p():
     assert abs(freq - p[3]) < 0.05
 
 
+def test_sample_matches_the_distribution_and_skips_impossible_tokens():
+    """Inverse-transform sampling: frequencies within 4 standard errors of p over 40k draws; tokens of
+    probability 0 (first, middle, last) never drawn, even for uniforms at the edges of [0, 1)."""
+    inf = float("-inf")
+    logits = torch.tensor([[inf, 0.5, inf, 1.5, -1.0, 0.0, inf]]).repeat(40000, 1)
+    p = logits[0].softmax(-1)
+    draws = M.sample(logits, generator=torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws, minlength=7).double() / len(draws)
+    se = (p.double() * (1 - p.double()) / len(draws)).sqrt()
+    assert ((freq - p.double()).abs() <= 4 * se + 1e-12).all(), (freq, p)
+    assert freq[[0, 2, 6]].sum() == 0
+    for edge, token in ((0.0, 1), (1.0 - 2 ** -24, 5)):         # the smallest and largest uniforms
+        real_rand = torch.rand
+        torch.rand = lambda shape, **k: torch.full(shape, edge)
+        try:
+            assert M.sample(logits[:2]).tolist() == [token, token]
+        finally:
+            torch.rand = real_rand
+
+
 def test_token_logprobs(tiny):
     ids, mask, feats, fmask = tiny_batch()
     w = tiny.lm_head_weight()

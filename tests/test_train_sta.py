@@ -123,8 +123,8 @@ def test_nan_loss_stops_naming_step_and_batch(corpus, tmp_path, monkeypatch):
 
     def poisoned(self, *a, **k):
         calls["n"] += 1
-        loss = forward(self, *a, **k)
-        return loss * float("nan") if calls["n"] == 3 else loss    # the 3rd micro-batch = step 3
+        loss, align = forward(self, *a, **k)
+        return (loss * float("nan") if calls["n"] == 3 else loss), align    # the 3rd micro-batch = step 3
 
     monkeypatch.setattr(train_sta.SFTLoss, "forward", poisoned)
     with pytest.raises(runlib.NonFiniteError, match=r"non-finite loss \(nan\) at step 3, batch at data position 8"):
@@ -158,11 +158,84 @@ def test_without_timestamps_ablation_mix():
     mix = [{"audio": "a.wav", "question": "What is the timestamp of the following segment? x",
             "answer": "The segment x starts at 1.00 seconds and ends at 2.00 seconds."},
            {"audio": "a.wav", "question": "Which?", "choices": ["x", "y"], "answer": "x",
-            "reasoning": 'From 1.20s to 1.85s, the second speaker says "the blue whale".\nFinal answer: (a) x'},
+            "reasoning": 'From 1.20s to 1.85s, the second speaker says "the blue whale". From 1.90s to 2.10s, the '
+                         'second speaker says "sings".\nFinal answer: (a) x'},
            {"audio": "a.wav", "question": train_sta.TRANSCRIBE_QUESTION, "answer": "i 0.35 see 0.50 a 0.78"}]
     out = train_sta.without_timestamps(mix)
     assert len(out) == len(mix)
     texts = [e.get("reasoning", e["answer"]) for e in out]
-    assert 'The second speaker says "the blue whale".\nFinal answer: (a) x' in texts
+    assert 'The second speaker says "the blue whale". The second speaker says "sings".\nFinal answer: (a) x' in texts
     assert "i see a" in texts
     assert not any(ch.isdigit() for t in texts for ch in t)
+
+
+@pytest.fixture(scope="module")
+def tiny_lalm(corpus, tmp_path_factory):
+    import data
+    import model as model_lib
+    import tokenizer as tokenizer_lib
+    examples = train_sta.load_examples(corpus, 0.2, 0.25, seed=0)
+    texts = [data.prompt_text(e) + " " + data.target_text(e) for e in examples]
+    tok = tokenizer_lib.train_sentencepiece(texts * 3, str(tmp_path_factory.mktemp("tok")), vocab_size=400)
+    cfg = runlib.parse_config(train_sta.Config, TINY)
+    torch.manual_seed(0)
+    return model_lib.build_lalm(train_sta.tiny_config(cfg, tok)), tok, examples
+
+
+def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_lalm):
+    """collate_packed (one row per clip, examples as branches behind one copy of the audio) is an exact
+    rewrite of collate_sft: same summed loss, same alignment loss, same gradients (fp32, 1e-5 relative)."""
+    import data
+    model, tok, examples = tiny_lalm
+    units = train_sta.training_units(examples, pack=True)
+    assert sorted(i for u in units for i in u) == list(range(len(examples)))
+    assert all(len({examples[i]["audio"] for i in u}) == 1 for u in units) and max(map(len, units)) > 3
+    groups = [[examples[i] for i in u] for u in units[:3]]
+    words_of = train_sta.word_times(corpus)
+    step = train_sta.SFTLoss(model)
+
+    def run(batch, firsts):
+        labels = train_sta.align_labels(firsts, batch["input_ids"], model.audio_token_id, tok, words_of)
+        loss, align = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+                           batch["feature_attention_mask"], labels, batch.get("position_ids"))
+        return loss.item(), align.item()
+
+    packed = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
+    flat = [ex for g in groups for ex in g]
+    separate = data.collate_sft(flat, tok, "qwen2_audio", 80, False)
+    assert packed["input_ids"].shape[0] == 3 and separate["input_ids"].shape[0] == len(flat)
+    assert packed["loss_mask"].sum() == separate["loss_mask"].sum()
+    assert packed["token_mask"].sum() < 0.7 * separate["attention_mask"].sum()      # the audio once per clip
+    loss_p, align_p = run(packed, [g[0] for g in groups])
+    loss_s, align_s = run(separate, flat)
+    assert loss_p == pytest.approx(loss_s, rel=1e-5)
+    # alignment: each clip's frames count once packed, once per example in separate rows
+    per_clip = [run(data.collate_packed([g], tok, "qwen2_audio", 80, False), [g[0]])[1] for g in groups]
+    assert align_p == pytest.approx(sum(per_clip), rel=1e-5)
+    assert align_s == pytest.approx(sum(len(g) * a for g, a in zip(groups, per_clip)), rel=1e-5)
+    for gp, gs in zip(answer_grads(step, packed), answer_grads(step, separate)):  # fp32 sums in another order
+        assert (gp - gs).abs().max() <= 1e-5 * gs.abs().max() + 1e-7
+
+
+def answer_grads(step, batch):
+    step.model.zero_grad()
+    loss, _ = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+                   batch["feature_attention_mask"], None, batch.get("position_ids"))
+    loss.backward()
+    return [p.grad.clone() for p in step.model.parameters()]
+
+
+def test_align_labels_mark_the_word_under_each_audio_token():
+    """Token k covers [0.04 k, 0.04 (k + 1)); its label is the word at its centre, -100 in silence."""
+
+    class Tok:
+        def encode(self, text):
+            return [{" red": 7, " fox": 9}[text]]
+
+    ex = {"audio": "/x/a.wav"}
+    ids = torch.tensor([[1, 5, 5, 5, 5, 5, 5, 5, 5, 2]])                 # 8 audio tokens (id 5) = 0.32 s
+    words = {os.path.abspath("/x/a.wav"): [("red", 0.05, 0.13), ("fox", 0.14, 0.30)]}
+    labels = train_sta.align_labels([ex], ids, 5, Tok(), words)
+    # centres 0.02 0.06 0.10 0.14 0.18 0.22 0.26 0.30
+    assert labels.tolist() == [-100, 7, 7, 9, 9, 9, 9, -100]
+    assert train_sta.align_labels([{"audio": "/other.wav"}], ids, 5, Tok(), words).tolist() == [-100] * 8

@@ -1002,12 +1002,6 @@ def collate_prompts(examples, tokenizer, family, n_mels, pad_to_30s, audio_cache
             "input_features": feats, "feature_attention_mask": feat_mask}
 
 
-def example_length(example: dict) -> float:
-    """Cheap length proxy for bucketing: audio tokens (from `duration` when present) plus ~4 chars per token."""
-    dur = example.get("duration") or 0.0
-    return dur * audio_encoder.AUDIO_TOKENS_PER_SECOND + (len(prompt_text(example)) + len(target_text(example))) / 4
-
-
 def shard(items: list, rank: int, world_size: int) -> list:
     """Deterministic rank shard: items[rank::world_size], truncated so every rank gets the same count."""
     assert 0 <= rank < world_size, f"rank {rank} not in [0, {world_size})"

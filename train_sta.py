@@ -235,31 +235,30 @@ def without_timestamps(examples):
     return [kept[i % len(kept)] for i in range(len(examples))]
 
 
-def word_times(data_dir):
-    """{absolute audio path: [(word, start, end), ...]} from the corpus's words.jsonl (for align_labels)."""
+def word_times(data_dir, tok):
+    """{absolute audio path: [(first token id of the word, start, end), ...]} from the corpus's words.jsonl
+    (data.read_words_jsonl; malformed lines are counted and reported), tokenised once for align_labels."""
+    import data
     path = os.path.join(data_dir, "words.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"align_weight > 0 needs word times in {path} (or set --align_weight=0)")
-    out = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            out[os.path.abspath(os.path.join(data_dir, r["audio"]))] = [(w["word"], w["start"], w["end"])
-                                                                         for w in r["words"]]
+    skips = data.Skips(path)
+    out = {os.path.abspath(audio): [(tok.encode(" " + w.word)[0], w.start, w.end) for w in words]
+           for audio, words in data.read_words_jsonl(path, skips)}
+    skips.report()
     return out
 
 
-def align_labels(examples, input_ids, audio_token_id, tok, words_of):
+def align_labels(examples, input_ids, audio_token_id, words_of):
     """Frame-word alignment targets for the audio rows of a batch (placeholder order): audio token k of a clip
     covers [k, k + 1) x 0.04 s; its target is the first token of the word spoken at the token's centre, -100
-    (ignored) in silence or for clips without word times. The loss reads the projector's output through the
-    tied LM head, so each audio token learns to look like the word it holds: what a from-scratch model lacks
-    to find a phrase in the audio (a released LALM brings it from pre-training)."""
+    (ignored) in silence or for clips without word times (words_of: word_times). The loss reads the
+    projector's output through the tied LM head, so each audio token learns to look like the word it holds:
+    what a from-scratch model lacks to find a phrase in the audio (a released LALM brings it from pre-training)."""
     labels = []
     for ex, n in zip(examples, (input_ids == audio_token_id).sum(-1).tolist()):
         row = [-100] * n
-        for word, start, end in words_of.get(os.path.abspath(ex["audio"]), []):
-            first = tok.encode(" " + word)[0]
+        for first, start, end in words_of.get(os.path.abspath(ex["audio"]), []):
             first_k, stop_k = (math.ceil(round(t * AUDIO_TOKENS_PER_SECOND - 0.5, 6)) for t in (start, end))
             for k in range(max(0, first_k), min(n, stop_k)):
                 row[k] = first                                        # centre (k + 0.5) * 0.04 in [start, end)
@@ -453,7 +452,6 @@ def main(argv=None):
     if not cfg.timestamps:
         examples = without_timestamps(examples)
     heldout = data.load_examples(os.path.join(cfg.eval_data_dir, "sta.jsonl"), kind="sta")[:cfg.eval_n]
-    words_of = word_times(cfg.data_dir) if cfg.align_weight > 0 else None
     units = training_units(examples, cfg.pack)
     unit_info = [examples[u[0]] for u in units]                       # a unit's audio (duration) for bucketing
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
@@ -467,6 +465,7 @@ def main(argv=None):
         if dist.distributed:
             torch.distributed.barrier()
     tok = tokenizer_lib.load_tokenizer(tok_path)
+    words_of = word_times(cfg.data_dir, tok) if cfg.align_weight > 0 else None
     # the checkpoint carries its tokenizer, so model.from_pretrained + tokenizer.load_tokenizer load it alone
     tok_files = [tok_path] if os.path.isfile(tok_path) else \
         [os.path.join(tok_path, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(tok_path, f))]
@@ -550,7 +549,7 @@ def main(argv=None):
         if words_of is not None:
             for mb, b in zip(micro, batches):
                 b["align_labels"] = align_labels([unit_info[u] for u in mb], b["input_ids"], model.audio_token_id,
-                                                 tok, words_of)
+                                                 words_of)
         # normalise by the answer tokens (aligned audio tokens) of the whole global batch: 1 and N processes agree
         counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
                                float(sum((b["align_labels"] >= 0).sum() for b in batches if "align_labels" in b))],

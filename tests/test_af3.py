@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M                                                  # noqa: E402
-from parity import max_diff, redraw                             # noqa: E402
+from parity import assert_keys_map, max_diff, redraw            # noqa: E402
 from audio_encoder import N_SAMPLES, num_audio_tokens, split_windows, windowed_features  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -200,8 +200,5 @@ def test_real_size_tables_on_meta():
     with torch.device("meta"):
         hf = transformers.AudioFlamingo3ForConditionalGeneration(cfg)
         ours = dict(M.LALM(hub).named_parameters())
-    ref = hf.state_dict()
-    for key, p in ref.items():
-        found, name = M._lookup(M.KEY_TABLES["audioflamingo3"], M._canonical("audioflamingo3", key))
-        assert found and ours[name].shape == p.shape, key
-    assert len(ours) == len(ref) and ours["language_model.lm_head.weight"].shape == (151672, 3584)
+    assert_keys_map("audioflamingo3", hf.state_dict(), ours)
+    assert ours["language_model.lm_head.weight"].shape == (151672, 3584)

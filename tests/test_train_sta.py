@@ -191,11 +191,11 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
     assert sorted(i for u in units for i in u) == list(range(len(examples)))
     assert all(len({examples[i]["audio"] for i in u}) == 1 for u in units) and max(map(len, units)) > 3
     groups = [[examples[i] for i in u] for u in units[:3]]
-    words_of = train_sta.word_times(corpus)
+    words_of = train_sta.word_times(corpus, tok)
     step = train_sta.SFTLoss(model)
 
     def run(batch, firsts):
-        labels = train_sta.align_labels(firsts, batch["input_ids"], model.audio_token_id, tok, words_of)
+        labels = train_sta.align_labels(firsts, batch["input_ids"], model.audio_token_id, words_of)
         loss, align = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
                            batch["feature_attention_mask"], labels, batch.get("position_ids"))
         return loss.item(), align.item()
@@ -227,15 +227,10 @@ def answer_grads(step, batch):
 
 def test_align_labels_mark_the_word_under_each_audio_token():
     """Token k covers [0.04 k, 0.04 (k + 1)); its label is the word at its centre, -100 in silence."""
-
-    class Tok:
-        def encode(self, text):
-            return [{" red": 7, " fox": 9}[text]]
-
     ex = {"audio": "/x/a.wav"}
     ids = torch.tensor([[1, 5, 5, 5, 5, 5, 5, 5, 5, 2]])                 # 8 audio tokens (id 5) = 0.32 s
-    words = {os.path.abspath("/x/a.wav"): [("red", 0.05, 0.13), ("fox", 0.14, 0.30)]}
-    labels = train_sta.align_labels([ex], ids, 5, Tok(), words)
+    words = {os.path.abspath("/x/a.wav"): [(7, 0.05, 0.13), (9, 0.14, 0.30)]}    # (token id of the word, s, e)
+    labels = train_sta.align_labels([ex], ids, 5, words)
     # centres 0.02 0.06 0.10 0.14 0.18 0.22 0.26 0.30
     assert labels.tolist() == [-100, 7, 7, 9, 9, 9, 9, -100]
-    assert train_sta.align_labels([{"audio": "/other.wav"}], ids, 5, Tok(), words).tolist() == [-100] * 8
+    assert train_sta.align_labels([{"audio": "/other.wav"}], ids, 5, words).tolist() == [-100] * 8

@@ -10,12 +10,16 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11-22, 2 CPU cores, 2 threads, python pipeline.py): 1100
-  steps x 8 clips (~53 examples) in 14.3 min, 57-84 examples/s, 4,000-5,900 tokens/s; held-out mean IoU 0.43
-  (800 pairs, seed 1; 28.5% >= 0.7, SED-F1 0.32), up from 0.33 with the earlier unpacked recipe in 20 min.
+  scores it on the held-out pairs. Measured (2026-11-22, 2 CPU cores, 2 threads, python pipeline.py, two
+  runs): 1100 steps x 8 clips (~53 examples) in 14.3-14.5 min, 57-84 examples/s, 4,000-5,900 tokens/s;
+  held-out mean IoU 0.43 (800 pairs, seed 1; 28.5% >= 0.7, SED-F1 0.32), up from 0.33 with the earlier
+  unpacked recipe in 20 min.
   The target of 0.7 is NOT reached: teacher-forced on 160 held-out answers, the model copies the phrase (99.5%
   of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance 10%); a decimal
-  time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips).
+  time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips), nor did
+  (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment loss
+  then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
+  audio token's tenth of a second (0.31), or a 4-layer decoder in the same time (0.26).
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
     python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_qwen2_5_omni.json \

@@ -110,6 +110,24 @@ def test_decoder_parity(ckpts, name):
     assert d < TOL
 
 
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_decoder_gradients_match_transformers(ckpts, name):
+    # qwen2 ties the head to the embedding, whose lookup then takes a sparse gradient (CausalLM.embed_ids);
+    # llama does not. Either way every .grad must be dense (AdamW refuses sparse ones) and equal transformers'.
+    hf, path = ckpts[name]
+    ours = M.from_pretrained(path)
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    for model, logits in ((hf, lambda: hf(input_ids=ids).logits), (ours, lambda: ours(ids))):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(logits()[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    hf_grads = dict(hf.named_parameters())
+    for key, p in ours.named_parameters():
+        ref = hf_grads["model." + key if not key.startswith("lm_head") else key].grad
+        assert p.grad is not None and p.grad.layout == torch.strided, key
+        assert max_diff(p.grad, ref) < 1e-6, key
+    torch.optim.AdamW(ours.parameters(), lr=1e-3).step()                 # dense grads: the step runs
+    hf.zero_grad(set_to_none=True)
+
 def test_v4_rope_config(ckpts, tmp_path):
     """A v4-style config.json (top-level rope_theta + rope_scaling) gives the same model."""
     hf, path = ckpts["llama"]

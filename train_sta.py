@@ -19,7 +19,8 @@ Built-in tiny default (CPU, no download):
   time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips), nor did
   (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment loss
   then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
-  audio token's tenth of a second (0.31), or a 4-layer decoder in the same time (0.26).
+  audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or time markers
+  ("0.2", "0.4", ...) among the audio placeholders on top of that pre-training (0.24).
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
     python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_qwen2_5_omni.json \

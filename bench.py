@@ -468,7 +468,7 @@ def grpo_case(args, side) -> Case:
             ids = torch.cat([x["prompt_ids"], x["targets"]], 1)                                   # (N, T)
             att = torch.cat([x["prompt_mask"], cmask.long()], 1)
             h = torch.cat([policy.embed(x["prompt_ids"], audio_embeds=state["audio"][x["audio_rows"]]),
-                           lm.embed_ids(x["targets"])], 1)     # sampled tokens are text, as in generate
+                           lm.embed_ids(x["targets"])], 1)        # sampled tokens are text, as in generate
             hidden = lm(ids, att, return_hidden=True, inputs_embeds=h)                           # (N, T, D)
             select = F.pad(cmask, (x["prompt_ids"].shape[1], 0))[:, 1:]                          # t predicted at t-1
             logits = hidden[:, :-1][select] @ policy.lm_head_weight().T                          # (n, V)

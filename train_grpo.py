@@ -326,7 +326,7 @@ class CompletionLogprobs(nn.Module):
         if audio_embeds is None and input_features is not None:
             audio_embeds = self.model.encode_audio(input_features, feature_attention_mask)    # (A_total, D)
         audio = {} if audio_embeds is None else {"audio_embeds": audio_embeds[audio_rows]}   # (sum over rows, D)
-        h = torch.cat([self.model.embed(prompt_ids, **audio), lm.embed_ids(targets)], 1)  # (N, Tp + C, D)
+        h = torch.cat([self.model.embed(prompt_ids, **audio), lm.embed_ids(targets)], 1)     # (N, Tp + C, D)
         hidden = lm(torch.cat([prompt_ids, targets], 1), torch.cat([prompt_mask, target_mask.long()], 1),
                     return_hidden=True, inputs_embeds=h)                                    # (N, Tp + C, D)
         h = hidden[:, prompt_ids.shape[1] - 1:-1]                                           # position t predicts t+1

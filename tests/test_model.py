@@ -128,6 +128,7 @@ def test_decoder_gradients_match_transformers(ckpts, name):
     torch.optim.AdamW(ours.parameters(), lr=1e-3).step()                 # dense grads: the step runs
     hf.zero_grad(set_to_none=True)
 
+
 def test_v4_rope_config(ckpts, tmp_path):
     """A v4-style config.json (top-level rope_theta + rope_scaling) gives the same model."""
     hf, path = ckpts["llama"]

@@ -20,7 +20,14 @@ Built-in tiny default (CPU, no download):
   (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment loss
   then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
   audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or time markers
-  ("0.2", "0.4", ...) among the audio placeholders on top of that pre-training (0.24).
+  ("0.2", "0.4", ...) among the audio placeholders on top of that pre-training (0.24). Held-out errors grow
+  with the phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s).
+  Its QA answers are at chance (26.5 %) because the option letter is never bound to the option text:
+  teacher-forced on the reference reasoning, the correct letter gets p = 0.250 (200 held-out questions).
+  Not fixed by (2026-11-22, session 4): each question in 4 rotations of its options (1.7x the tokens per step;
+  in 14 min: accuracy 22 %), 15 % of look-up questions ('Which option is "gold"?'), or an answer sentence before
+  the final line ("So the answer is gold.", the option's own token): the letter stays at p = 0.250. Text only,
+  this 3-layer decoder does not learn the look-up at all (2,500 steps of 32 at lr 2e-3: loss stays at ln 4).
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
     python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_qwen2_5_omni.json \

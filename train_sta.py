@@ -21,7 +21,11 @@ Built-in tiny default (CPU, no download):
   then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
   audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or time markers
   ("0.2", "0.4", ...) among the audio placeholders on top of that pre-training (0.24). Held-out errors grow
-  with the phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s).
+  with the phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s): predicted
+  starts stop growing near 1.4 s (mean prediction 1.41 s for true starts in 1.5-2 s, 1.34 s for 2-2.5 s;
+  slope of predicted on true start 0.40), so the model's reading of a late audio token's time saturates.
+  Whisper sinusoids of the token index (amplitude 0.5) added to the projector output did not change that
+  (session 4, 1100 steps: IoU 0.36 on the 800 pairs, slope 0.37).
   Its QA answers are at chance (26.5 %) because the option letter is never bound to the option text:
   teacher-forced on the reference reasoning, the correct letter gets p = 0.250 (200 held-out questions).
   Not fixed by (2026-11-22, session 4): each question in 4 rotations of its options (1.7x the tokens per step;

@@ -31,7 +31,8 @@ Built-in tiny default (CPU, no download):
   Not fixed by (2026-11-22, session 4): each question in 4 rotations of its options (1.7x the tokens per step;
   in 14 min: accuracy 22 %), 15 % of look-up questions ('Which option is "gold"?'), or an answer sentence before
   the final line ("So the answer is gold.", the option's own token): the letter stays at p = 0.250. Text only,
-  this 3-layer decoder does not learn the look-up at all (6,000 steps of 32 at lr 2e-3: loss stays at ln 4).
+  this 3-layer decoder does not learn the look-up at all (6,000 steps of 32 at lr 2e-3: loss stays at ln 4), nor
+  does a 6-layer one in 3,000 steps.
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
     python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_qwen2_5_omni.json \

@@ -2,7 +2,7 @@
 (GRPO) -> evaluation of the untrained, Stage 1 and Stage 2 checkpoints on held-out data from another seed ->
 a report with the analogues of the paper's Tables 1-4, attention plots and a few grounded answers.
 
-    python pipeline.py                    # ~28 min on 2 CPU cores; writes out/report/REPORT.md
+    python pipeline.py                    # ~23 min on 2 CPU cores; writes out/report/REPORT.md
     python pipeline.py --ablations        # + reasoning SFT without timestamps, GRPO w/o grounding, w/o compaction
     python pipeline.py --quick            # a few steps per stage (what the test runs): checks the wiring only
 

@@ -5,16 +5,17 @@ prefilled once, its KV cache copied to G rows: model.generate(num_samples=G)), e
 reward.total_reward (R = R_answer + R_tg by default), advantages are group-relative, and the policy takes
 `mu` clipped-surrogate steps against those samples with a k3 KL penalty (beta) to the frozen Stage 1 model.
 
-Built-in tiny default (CPU, ~7.5 min with 1 thread on a 2-core machine; needs the tiny Stage 1 checkpoint,
+Built-in tiny default (CPU, ~6 min with 1 thread on a 2-core machine; needs the tiny Stage 1 checkpoint,
 `python train_sta.py`):
     python train_grpo.py                                   # = --config configs/grpo_tiny.json
   starts from out/sta_tiny/ckpt/latest, trains on out/synth/train/qa.jsonl, evaluates greedy accuracy and
   R_tg on the held-out corpus (another synth seed, out/synth/heldout/qa.jsonl) before and after.
-  Measured (2026-11-22, 1 thread each, from the pipeline's Stage 1 checkpoint; seeds 1337, 2, 3): 150 steps in
-  7.4-7.6 min alone (10-11 min with three runs sharing the 2 cores); held-out R_tg 0.426 -> 0.477 / 0.497 /
-  0.499 (spans per answer 1.75 -> 1.23 / 1.03 / 1.02); accuracy 26.5% -> 26.5 / 26.0 / 27.5%: NOT improved.
-  That Stage 1 model answers at chance (its letter does not follow the option it names), so there is no
-  answer skill to sharpen. Rollouts on these ~3.5 s clips:
+  Measured (2026-11-22 session 5, 1 thread each, from the pipeline's Stage 1 checkpoint; seeds 1337, 2, 3):
+  150 steps in 5.8 min alone (6.3-6.5 min with two runs sharing the 2 cores); held-out accuracy (200 questions,
+  seed 1) 24.5 % -> 38.0 / 37.5 / 37.0 %, R_tg 0.406 -> 0.491 / 0.492 / 0.497 (spans per answer 1.95 -> 1.01 /
+  1.00 / 0.99), answers naming one of the options 67 % -> 73 / 72 / 76 %. (Sessions 1-4, when the synthetic
+  answers named the option's letter, accuracy stayed at chance: 26.5 -> 26.5 / 26.0 / 27.5 %; see train_sta.py.)
+  Rollouts on these ~3.5 s clips:
   ~2,000 generated tok/s with prefix sharing vs ~1,240 without (1 thread).
 Paper runs (8 GPUs, per-GPU batch 8 completions, grad accumulation 4, G 8, lr 5e-6, beta 0.04, T 0.8, bf16):
     python train_grpo.py --config configs/grpo_qwen2_5_omni.json --num_steps=5        # 1 GPU smoke test

@@ -444,7 +444,8 @@ def test_synth_records(corpus):
         (s, e), = r["evidence"]
         assert 0 <= s < e <= r["duration"]
         last = r["reasoning"].splitlines()[-1]
-        assert last == f"Final answer: ({'abcd'[r['answer_index']]}) {r['answer']}"
+        assert last == f"Final answer: {r['answer']}"                 # the option by its text
+        assert reward.extract_choice(r["reasoning"], r["choices"]) == r["answer_index"]
         spans = reward.extract_spans(r["reasoning"])           # the evidence, cited in 1..3 pieces in order
         assert 1 <= len(spans) <= 3 and spans[0][0] == s and spans[-1][1] == e, (spans, s, e)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))

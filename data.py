@@ -28,9 +28,10 @@ Deviations from the paper / decisions on its open points:
   ("Final answer: (c) two", the paper's format, which the real-data targets keep): writing the letter needs a
   look-up (find the option whose text is the answer, copy the letter in front of it), an induction-style
   circuit that the tiny decoder does not form in a CPU budget. Measured on text alone (no audio): a 3-layer
-  192-wide Qwen2 decoder, ours or transformers', trained on "Which option is gray? (a) red (b) gray ..." ->
-  the letter stays at chance (loss ln 2 with 2 options after 1,500 steps of 32; ln 4 with 4 options after
-  6,000), while copying the question's word is learned in 250 steps. With letters, Stage 1's letters were at
+  192-wide Qwen2 decoder trained on "Which option is gray? (a) red (b) gray ..." -> the letter, batch 32,
+  stays at chance: 4 options, loss ln 4 after 6,000 steps; 2 options, ln 2 after 1,250 steps (transformers'
+  Qwen2 with the same config: the same; a 2-layer one: after 2,000), while copying the question's word
+  ("Final answer:" -> " gray") is learned in 250 steps. With letters, Stage 1's letters were at
   chance (26.5 %) while the text after them was right 33.5 % of the time. reward.extract_choice and the
   official scorers read the option text, so accuracy is measured the same way.
 - MELD -> MCQ: the paper's recipe is not public; here "What emotion ...?" with the true emotion and three

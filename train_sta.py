@@ -10,12 +10,14 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11-22 session 5, 2 CPU cores, 2 threads, python pipeline.py,
-  two identical runs): 1100 steps x 8 clips (~53 examples) in 12.7-12.8 min, 62-93 examples/s (median 79) and
+  scores it on the held-out pairs. Measured (2026-11-22 session 5, 2 CPU cores, 2 threads, three runs with
+  identical losses): 1100 steps x 8 clips (~53 examples) in 12.7-13.9 min, 62-93 examples/s (median 79) and
   4,400-6,400 tokens/s (median 5,500; 5th-95th percentile of the steps); held-out mean IoU 0.37 (800 pairs,
   seed 1; 18 % >= 0.7, SED-F1 0.17). The recipe of sessions 2-4,
   identical but for the QA answers' final line (the option's letter, see below; with it the tokenizer's ids),
   gave 0.43 (28.5 % >= 0.7, SED-F1 0.32) in 14.3-14.5 min, up from 0.33 with the earlier unpacked recipe.
+  Seed 2 of each (1 thread, two runs sharing the cores): letters 0.407, option text 0.351, so the option-text
+  answers cost Stage 1 ~0.06 IoU (the price of a Stage 2 that raises accuracy; cause not found).
   The target of 0.7 is NOT reached: teacher-forced on 160 held-out answers, the model copies the phrase (99.5%
   of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance 10%); a decimal
   time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips), nor did
@@ -34,7 +36,7 @@ Built-in tiny default (CPU, no download):
   was never bound to the option it names, and 4 rotations of the options, 15 % of look-up questions
   ('Which option is "gold"?') or a sentence "So the answer is gold." before the final line did not change that.
   Text only, this 3-layer decoder does not learn the look-up (loss at ln 4 after 6,000 steps of 32 at lr 2e-3;
-  6 layers: 3,000 steps; 2 options: ln 2 after 1,500 steps, transformers' Qwen2 the same), while it learns to
+  6 layers: 3,000 steps; 2 options: ln 2 after 1,250 steps, transformers' Qwen2 the same), while it learns to
   copy the question's word in 250 steps: the look-up needs an induction-style circuit that does not form in
   this budget (data.py's docstring). Naming the option by its text, which reward.extract_choice and the
   official scorers read, removes the look-up; Stage 2 then has an answer to improve (train_grpo.py).

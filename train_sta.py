@@ -16,8 +16,11 @@ Built-in tiny default (CPU, no download):
   seed 1; 18 % >= 0.7, SED-F1 0.17). The recipe of sessions 2-4,
   identical but for the QA answers' final line (the option's letter, see below; with it the tokenizer's ids),
   gave 0.43 (28.5 % >= 0.7, SED-F1 0.32) in 14.3-14.5 min, up from 0.33 with the earlier unpacked recipe.
-  Seed 2 of each (1 thread, two runs sharing the cores): letters 0.407, option text 0.351, so the option-text
-  answers cost Stage 1 ~0.06 IoU (the price of a Stage 2 that raises accuracy; cause not found).
+  Not the answer format: the option-text recipe with that run's tokenizer (one piece of 1,024 differs; every
+  STA question and answer tokenized identically, only the ids, hence the random embedding rows, differ)
+  gives 0.418. Over seeds: old tokenizer 0.429 / 0.407 (letters, seeds 1337 / 2), 0.418 (option text); new
+  tokenizer 0.368 / 0.351 (option text, seeds 1337 / 2): ~0.06 from the tokenizer's ids, more than the seed
+  spread (0.02); cause not found.
   The target of 0.7 is NOT reached: teacher-forced on 160 held-out answers, the model copies the phrase (99.5%
   of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance 10%); a decimal
   time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips), nor did

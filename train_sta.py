@@ -13,9 +13,8 @@ Built-in tiny default (CPU, no download):
   scores it on the held-out pairs. Measured (2026-11-22 session 5, 2 CPU cores, 2 threads, three runs with
   identical losses): 1100 steps x 8 clips (~53 examples) in 12.7-13.9 min, 62-93 examples/s (median 79) and
   4,400-6,400 tokens/s (median 5,500; 5th-95th percentile of the steps); held-out mean IoU 0.37 (800 pairs,
-  seed 1; 18 % >= 0.7, SED-F1 0.17). The recipe of sessions 2-4,
-  identical but for the QA answers' final line (the option's letter, see below; with it the tokenizer's ids),
-  gave 0.43 (28.5 % >= 0.7, SED-F1 0.32) in 14.3-14.5 min, up from 0.33 with the earlier unpacked recipe.
+  seed 1; 18 % >= 0.7, SED-F1 0.17). The recipe of sessions 2-4, identical but for the QA answers' final
+  line (the option's letter, see below; with it the tokenizer's ids), gave 0.43 (28.5 % >= 0.7, SED-F1 0.32) in 14.3-14.5 min, up from 0.33 with the earlier unpacked recipe.
   Not the answer format: the option-text recipe with that run's tokenizer (one piece of 1,024 differs; every
   STA question and answer tokenized identically, only the ids, hence the random embedding rows, differ)
   gives 0.418. Over seeds: old tokenizer 0.429 / 0.407 (letters, seeds 1337 / 2), 0.418 (option text); new
@@ -38,10 +37,9 @@ Built-in tiny default (CPU, no download):
   forced on the reference reasoning the correct letter got p = 0.250 (200 held-out questions), i.e. the letter
   was never bound to the option it names, and 4 rotations of the options, 15 % of look-up questions
   ('Which option is "gold"?') or a sentence "So the answer is gold." before the final line did not change that.
-  Text only, this 3-layer decoder does not learn the look-up (loss at ln 4 after 6,000 steps of 32 at lr 2e-3;
-  6 layers: 3,000 steps; 2 options: ln 2 after 1,250 steps, transformers' Qwen2 the same), while it learns to
-  copy the question's word in 250 steps: the look-up needs an induction-style circuit that does not form in
-  this budget (data.py's docstring). Naming the option by its text, which reward.extract_choice and the
+  Text only, this decoder does not learn the look-up at all (also with 6 layers, or with 2 options), while it
+  learns to copy the question's word in 250 steps: an induction-style circuit that does not form in this
+  budget (numbers in data.py's docstring). Naming the option by its text, which reward.extract_choice and the
   official scorers read, removes the look-up; Stage 2 then has an answer to improve (train_grpo.py).
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
     python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test

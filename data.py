@@ -29,10 +29,10 @@ Deviations from the paper / decisions on its open points:
   look-up (find the option whose text is the answer, copy the letter in front of it), an induction-style
   circuit that the tiny decoder does not form in a CPU budget. Measured on text alone (no audio): a 3-layer
   192-wide Qwen2 decoder trained on "Which option is gray? (a) red (b) gray ..." -> the letter, batch 32,
-  stays at chance: 4 options, loss ln 4 after 6,000 steps (6 layers: 3,000); 2 options, ln 2 after 1,250 steps (transformers'
-  Qwen2 with the same config: the same; a 2-layer one: after 2,000), while copying the question's word
-  ("Final answer:" -> " gray") is learned in 250 steps. With letters, Stage 1's letters were at
-  chance (26.5 %) while the text after them was right 33.5 % of the time. reward.extract_choice and the
+  stays at chance: 4 options, loss ln 4 after 6,000 steps (6 layers: 3,000); 2 options, ln 2 after 1,250
+  steps (transformers' Qwen2 with the same config: the same; a 2-layer one: after 2,000), while copying the
+  question's word ("Final answer:" -> " gray") is learned in 250 steps. With letters, Stage 1's letters were
+  at chance (26.5 %) while the text after them was right 33.5 % of the time. reward.extract_choice and the
   official scorers read the option text, so accuracy is measured the same way.
 - MELD -> MCQ: the paper's recipe is not public; here "What emotion ...?" with the true emotion and three
   other MELD emotions, drawn deterministically per utterance.

@@ -34,6 +34,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
 # The tiny default's SentencePiece model holds these as user-defined symbols (one id each, this order).
 CHAT_SPECIAL_TOKENS = ("<|endoftext|>", IM_START, IM_END, "<|AUDIO|>", AUDIO_BOS, AUDIO_EOS)
+# Time pieces of the tiny default: "0.0" .. "29.9" (a 30 s Whisper window), one user-defined piece each, so a time
+# is 2 tokens ("1.55" -> "1.5" "5") instead of 4 digit tokens. They are text, not special tokens.
+TIME_PIECES = tuple(f"{s}.{t}" for s in range(30) for t in range(10))
 
 FAMILIES = ("qwen2_audio", "qwen2_5_omni", "audioflamingo3")
 AUDIO_PLACEHOLDER = {"qwen2_audio": "<|AUDIO|>", "qwen2_5_omni": "<|AUDIO|>", "audioflamingo3": "<sound>"}
@@ -431,14 +434,18 @@ class BPETokenizer(Tokenizer):
 # SentencePiece (.model)
 
 class SentencePieceTokenizer(Tokenizer):
-    """SentencePiece model with control, user-defined and unk pieces treated as special tokens."""
+    """SentencePiece model with control and unk pieces, and user-defined pieces written as markup (<...>), treated
+    as special tokens. Other user-defined pieces (TIME_PIECES) are text: sentencepiece keeps each whole when it
+    encodes, and decode(skip_special_tokens=True) keeps them."""
 
     def __init__(self, path: str, config: dict | None = None):
         self.sp = spm.SentencePieceProcessor(model_file=path)
         n = self.sp.get_piece_size()
         self.vocab_size = n
         types = _sentencepiece_piece_types(self.sp.serialized_model_proto())
-        self.special_tokens = {self.sp.id_to_piece(i): i for i in range(n) if types[i] in _SP_SPECIAL_TYPES}
+        self.special_tokens = {piece: i for i, piece in enumerate(map(self.sp.id_to_piece, range(n)))
+                               if types[i] in _SP_SPECIAL_TYPES
+                               or (types[i] == _SP_USER_DEFINED and piece.startswith("<") and piece.endswith(">"))}
         self.matcher = AddedTokenMatcher([{"content": t, "id": i} for t, i in self.special_tokens.items()])
         eos, pad = self.sp.eos_id(), self.sp.pad_id()
         self._pick_ids(config or {}, eos if eos >= 0 else None, pad if pad >= 0 else None)
@@ -467,7 +474,8 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(out)
 
 
-_SP_SPECIAL_TYPES = (2, 3, 4)   # sentencepiece_model.proto Type: UNKNOWN=2, CONTROL=3, USER_DEFINED=4
+_SP_SPECIAL_TYPES = (2, 3)      # sentencepiece_model.proto Type: UNKNOWN=2, CONTROL=3
+_SP_USER_DEFINED = 4
 
 
 def _read_varint(buf: bytes, i: int):
@@ -521,13 +529,16 @@ def _piece_type(msg: bytes) -> int:
     return kind
 
 
-def train_sentencepiece(texts, out_path: str, vocab_size: int, special_tokens=CHAT_SPECIAL_TOKENS) -> Tokenizer:
+def train_sentencepiece(texts, out_path: str, vocab_size: int, special_tokens=CHAT_SPECIAL_TOKENS,
+                        text_pieces=()) -> Tokenizer:
     """Train the tiny default's SentencePiece BPE on `texts` and write `tokenizer.model`; returns it loaded.
 
     out_path: a `.model` file, or a directory that gets `tokenizer.model`. Each special token is a user-defined
-    symbol (one id, ids 1.. in order; unk is 0; no BOS/EOS/PAD pieces: pad is `<|endoftext|>`). Digits are split
-    (timestamps like 12.34 are one token per character), unknown characters fall back to bytes, whitespace and
-    newlines are kept as they are (identity normalization, no dummy prefix) so decode(encode(x)) == x.
+    symbol (one id, ids 1.. in order; unk is 0; no BOS/EOS/PAD pieces: pad is `<|endoftext|>`), then each of
+    `text_pieces` (ordinary text kept as one piece, e.g. TIME_PIECES). Digits are otherwise split (without time
+    pieces 12.34 is one token per character; with them "12.3" "4"), unknown characters fall back to bytes,
+    whitespace and newlines are kept as they are (identity normalization, no dummy prefix) so
+    decode(encode(x)) == x.
     Deterministic: one thread, all sentences, no sampling. vocab_size is an upper bound on small corpora.
     """
     path = out_path if out_path.endswith(".model") else os.path.join(out_path, "tokenizer.model")
@@ -535,7 +546,7 @@ def train_sentencepiece(texts, out_path: str, vocab_size: int, special_tokens=CH
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        user_defined_symbols=list(special_tokens), byte_fallback=True, split_digits=True,
+        user_defined_symbols=list(special_tokens) + list(text_pieces), byte_fallback=True, split_digits=True,
         character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_by_whitespace=True,
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False, num_threads=1,

@@ -10,17 +10,23 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11-22 session 5, 2 CPU cores, 2 threads, three runs with
-  identical losses): 1100 steps x 8 clips (~53 examples) in 12.7-13.9 min, 62-93 examples/s (median 79) and
-  4,400-6,400 tokens/s (median 5,500; 5th-95th percentile of the steps); held-out mean IoU 0.37 (800 pairs,
-  seed 1; 18 % >= 0.7, SED-F1 0.17). The recipe of sessions 2-4, identical but for the QA answers' final
-  line (the option's letter, see below; with it the tokenizer's ids), gave 0.43 (28.5 % >= 0.7, SED-F1 0.32) in 14.3-14.5 min, up from 0.33 with the earlier unpacked recipe.
-  Not the answer format: the option-text recipe with that run's tokenizer (one piece of 1,024 differs; every
-  STA question and answer tokenized identically, only the ids, hence the random embedding rows, differ)
-  gives 0.418. Over seeds: old tokenizer 0.429 / 0.407 (letters, seeds 1337 / 2), 0.418 (option text); new
-  tokenizer 0.368 / 0.351 (option text, seeds 1337 / 2): ~0.06 from the tokenizer's ids, more than the seed
-  spread (0.02); cause not found.
-  The target of 0.7 is NOT reached: teacher-forced on 160 held-out answers, the model copies the phrase (99.5%
+  scores it on the held-out pairs. Measured (2026-11-22 session 6, 2 CPU cores, 2 threads, two runs with
+  identical losses): 1100 steps x 8 clips (~53 examples) in 11.5-11.6 min, 70-105 examples/s (median 87) and
+  4,500-6,500 tokens/s (median 5,500; 5th-95th percentile of the steps); held-out mean IoU 0.45 (800 pairs,
+  seed 1; 33.5 % >= 0.7, 54 % >= 0.5, SED-F1 0.37); with --seed=2 0.47 (37 % >= 0.7, SED-F1 0.42).
+  Time pieces (`time_pieces`, on in the tiny default): the tokenizer holds "0.0" .. "29.9" as one piece each, so
+  a time is written "1.5" "5" instead of "1" "." "5" "5". Without them the same recipe gives 0.37 (SED-F1 0.17;
+  0.35 with seed 2; sessions 2-4's recipe 0.41-0.43); with them the answers' durations are unbiased (mean
+  predicted minus true duration 0.00 s, was +0.31 s) and the median start error is 0.20 s (was 0.29 s).
+  Found with a decoder-only oracle (perfect audio: each 40 ms audio token is a learned embedding of the word
+  spoken there, no encoder; 600 steps of 32 pairs, 400 held-out pairs): 0.29 IoU with digit tokens, 0.42 with
+  time pieces; a time code in the oracle's audio tokens (sin/cos of periods 10 s, 1 s, 0.1 s) did not help
+  (0.28), nor (+0.02) adding each audio token the embedding of its time piece. So with perfect word
+  recognition the decoder is no better than the full model: the limit is the decoder finding the phrase in
+  the audio and writing its time, not the encoder.
+  The target of 0.7 is NOT reached. Errors grow with the phrase's start: IoU 0.61 / 0.44 / 0.20 / 0.18 for
+  starts in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.37. Earlier analysis (digit
+  tokens, sessions 3-4): teacher-forced on 160 held-out answers, the model copies the phrase (99.5%
   of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance 10%); a decimal
   time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips), nor did
   (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment loss
@@ -77,7 +83,7 @@ Deviations from the paper:
     one row behind one copy of the audio (data.collate_packed; each branch sees the audio prefix and itself
     at its own positions, so the loss and gradients are exactly those of separate rows), ~2.2x the examples
     per second; batch_size then counts clips; (d) `align_weight`: a frame-word alignment loss, each audio token
-    (projector output) read through the tied LM head must name the word spoken at its centre (word times from
+    (projector output) read through the LM head must name the word spoken at its centre (word times from
     words.jsonl; align_labels), which gives a from-scratch encoder the word recognition a released LALM brings
     from pre-training. Neither changes the checkpoint layout; the alignment loss needs no extra parameters.
   * Not in the paper (it gives only the lr, batch and accumulation): linear warmup + cosine decay to min_lr,
@@ -134,6 +140,8 @@ class Config:
     init_from: str = ""                     # released/our checkpoint dir; "" = build the tiny model from scratch
     tokenizer: str = ""                     # tokenizer path; "" = init_from's, or train one on the corpus
     vocab_size: int = 1024                  # SentencePiece vocab of the tiny default
+    time_pieces: bool = True                # tiny default tokenizer: "0.0".."29.9" are one piece each
+                                            # (tokenizer.TIME_PIECES), so a time is 2 tokens, not 4 digits
     n_mels: int = 80
     enc_dim: int = 128
     enc_layers: int = 2
@@ -278,7 +286,7 @@ def align_labels(examples, input_ids, audio_token_id, words_of):
     """Frame-word alignment targets for the audio rows of a batch (placeholder order): audio token k of a clip
     covers [k, k + 1) x 0.04 s; its target is the first token of the word spoken at the token's centre, -100
     (ignored) in silence or for clips without word times (words_of: word_times). The loss reads the
-    projector's output through the tied LM head, so each audio token learns to look like the word it holds:
+    projector's output through the LM head, so each audio token learns to look like the word it holds:
     what a from-scratch model lacks to find a phrase in the audio (a released LALM brings it from pre-training)."""
     labels = []
     for ex, n in zip(examples, (input_ids == audio_token_id).sum(-1).tolist()):
@@ -486,7 +494,8 @@ def main(argv=None):
         if dist.is_main and not os.path.exists(tok_path):
             texts = [tokenizer_lib.build_prompt(cfg.family, data.prompt_text(e), 1) + data.target_text(e)
                      + tokenizer_lib.end_of_turn(cfg.family) for e in examples]
-            tokenizer_lib.train_sentencepiece(texts, tok_path, cfg.vocab_size)
+            tokenizer_lib.train_sentencepiece(texts, tok_path, cfg.vocab_size,
+                                              text_pieces=tokenizer_lib.TIME_PIECES if cfg.time_pieces else ())
         if dist.distributed:
             torch.distributed.barrier()
     tok = tokenizer_lib.load_tokenizer(tok_path)

@@ -236,6 +236,26 @@ def test_train_sentencepiece_and_parity(tmp_path):
     assert [p for p in pieces if any(ch.isdigit() for ch in p)] == ["1", "2", "3", "4"]
 
 
+def test_time_pieces_are_whole_text_pieces(tmp_path):
+    """The tiny default's time pieces: "x.y" is one token followed by the hundredths digit, the pieces are text
+    (kept by decode(skip_special_tokens=True), not in special_tokens), the chat tokens stay special."""
+    tok = T.train_sentencepiece(_sp_texts(), str(tmp_path), vocab_size=800, text_pieces=T.TIME_PIECES)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert set(tok.special_tokens) == {"<unk>", *T.CHAT_SPECIAL_TOKENS}
+    first = len(T.CHAT_SPECIAL_TOKENS) + 1
+    assert [sp.id_to_piece(first + i) for i in range(len(T.TIME_PIECES))] == list(T.TIME_PIECES)
+    cases = {"starts at 1.55 seconds": ["1.5", "5"], "From 0.38s to 12.04s": ["0.3", "8", "12.0", "4"],
+             "at 29.99 s": ["29.9", "9"], "30.5 s": ["3", "0.5"], "7 and 3.": ["7", "3"]}
+    for text, digits in cases.items():
+        ids = tok.encode(text)
+        assert ids == sp.encode(text), text
+        assert [p for p in map(sp.id_to_piece, ids) if any(ch.isdigit() for ch in p)] == digits, text
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    answer = "The segment a cat starts at 0.15 seconds and ends at 0.43 seconds.<|im_end|>"
+    ids = tok.encode(answer)
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids, skip_special_tokens=True) == answer[:-len("<|im_end|>")]
+
+
 def test_train_sentencepiece_is_deterministic(tmp_path):
     T.train_sentencepiece(_sp_texts(), str(tmp_path / "a.model"), vocab_size=500)
     T.train_sentencepiece(_sp_texts(), str(tmp_path / "b.model"), vocab_size=500)

@@ -18,7 +18,7 @@ import train_sta  # noqa: E402
 
 # a model small enough that a step takes well under a second on one core
 TINY = ["--enc_dim=32", "--enc_layers=1", "--enc_heads=2", "--dec_dim=32", "--dec_layers=1", "--dec_heads=2",
-        "--vocab_size=400", "--n_mels=80", "--eval_n=2", "--eval_batch_size=2", "--max_new_tokens=6",
+        "--vocab_size=700", "--n_mels=80", "--eval_n=2", "--eval_batch_size=2", "--max_new_tokens=6",
         "--warmup_steps=1", "--lr=3e-3", "--min_lr=3e-4", "--reasoning_frac=0.2", "--seed=7"]
 
 

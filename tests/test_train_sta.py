@@ -79,6 +79,8 @@ def test_tiny_run_learns_and_checkpoint_loads(corpus, tmp_path, capsys):
     tok = tokenizer_lib.load_tokenizer(latest)
     assert model.config["text_config"]["vocab_size"] == tok.vocab_size
     assert model.audio_token_id == tok.token_to_id("<|AUDIO|>")
+    ids = tok.encode("starts at 1.55 seconds")                      # time pieces (the tiny default's tokenizer)
+    assert tok.token_to_id("1.5") in ids and tok.decode(ids, skip_special_tokens=True) == "starts at 1.55 seconds"
     meta = runlib.load_meta(latest)
     assert meta["step"] == 14 and meta["data_position"] == 14 * 4 and meta["config"]["max_steps"] == 14
 

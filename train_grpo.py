@@ -10,11 +10,12 @@ Built-in tiny default (CPU, ~6 min with 1 thread on a 2-core machine; needs the 
     python train_grpo.py                                   # = --config configs/grpo_tiny.json
   starts from out/sta_tiny/ckpt/latest, trains on out/synth/train/qa.jsonl, evaluates greedy accuracy and
   R_tg on the held-out corpus (another synth seed, out/synth/heldout/qa.jsonl) before and after.
-  Measured (2026-11-22 session 6, 1 thread, from the pipeline's Stage 1 checkpoint, seed 1337): 150 steps in
-  5.7 min; held-out accuracy (200 questions, seed 1) 27.0 % -> 36.5 %, R_tg 0.405 -> 0.500 (spans per answer
-  1.95 -> 1.005), answers naming one of the options 70.5 % -> 78.5 %. Session 5, from a Stage 1 trained with a
-  digit tokenizer (see train_sta.py's time pieces), seeds 1337 / 2 / 3: 24.5 % -> 38.0 / 37.5 / 37.0 %, R_tg
-  0.406 -> 0.491 / 0.492 / 0.497. (Sessions 1-4, when the synthetic answers named the option's letter,
+  Measured (2026-11-22 session 6, 1 thread, from the pipeline's Stage 1 checkpoint; seeds 1337 / 2 / 3): 150
+  steps in 5.7 min alone (6.4-6.5 min with two runs sharing the 2 cores); held-out accuracy (200 questions,
+  seed 1) 22.5 % -> 37.5 / 33.0 / 29.0 %, R_tg 0.393 -> 0.499 / 0.495 / 0.495 (spans per answer 2.04 -> 1.01 /
+  1.03 / 1.06), answers naming one of the options 69 % -> 75.5 / 71 / 68.5 %. Session 5, from a Stage 1 trained
+  with a digit tokenizer (see train_sta.py's time pieces), seeds 1337 / 2 / 3: 24.5 % -> 38.0 / 37.5 / 37.0 %,
+  R_tg 0.406 -> 0.491 / 0.492 / 0.497. (Sessions 1-4, when the synthetic answers named the option's letter,
   accuracy stayed at chance: 26.5 -> 26.5 / 26.0 / 27.5 %; see train_sta.py.)
   Rollouts on these ~3.5 s clips:
   ~2,000 generated tok/s with prefix sharing vs ~1,240 without (1 thread).

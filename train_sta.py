@@ -25,22 +25,21 @@ Built-in tiny default (CPU, no download):
   (0.28), nor (+0.02) adding each audio token the embedding of its time piece. So with perfect word
   recognition the decoder is no better than the full model: the limit is the decoder finding the phrase in
   the audio and writing its time, not the encoder.
-  The target of 0.7 is NOT reached. Errors grow with the phrase's start: IoU 0.61 / 0.44 / 0.30 / 0.25 for
-  starts in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.52; the start's second is right
-  65 % of the time, its tenth 20 % (within one tenth 45 %), and 24 % of the starts are off by more than 0.7 s
-  (a wrong region). Earlier analysis (digit tokens, sessions 3-4): teacher-forced on 160 held-out answers, the
-  model copies the phrase (99.5% of tokens) and names the right start second 60% of the time, but the tenth
-  only 18% (chance 10%); a decimal
-  time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips), nor did
-  (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment loss
-  then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
-  audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or time markers
-  ("0.2", "0.4", ...) among the audio placeholders on top of that pre-training (0.24). Held-out errors grow
-  with the phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s): predicted
-  starts stop growing near 1.4 s (mean prediction 1.41 s for true starts in 1.5-2 s, 1.34 s for 2-2.5 s;
-  slope of predicted on true start 0.40), so the model's reading of a late audio token's time saturates.
-  Whisper sinusoids of the token index (amplitude 0.5) added to the projector output did not change that
-  (session 4, 1100 steps: IoU 0.36 on the 800 pairs, slope 0.37).
+  The target of 0.7 is NOT reached. Errors grow with the phrase's start: IoU 0.61 / 0.44 / 0.30 / 0.25 for starts
+  in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.52; the start's second is right 65 % of
+  the time, its tenth 20 % (within one tenth 45 %), and 24 % of the starts are off by more than 0.7 s (a wrong
+  region). Earlier analysis (digit tokens, sessions 3-4): teacher-forced on 160 held-out answers, the model copies
+  the phrase (99.5% of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance
+  10%); a decimal time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips),
+  nor did (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment
+  loss then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
+  audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or time markers ("0.2",
+  "0.4", ...) among the audio placeholders on top of that pre-training (0.24). Held-out errors grow with the
+  phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s): predicted starts stop
+  growing near 1.4 s (mean prediction 1.41 s for true starts in 1.5-2 s, 1.34 s for 2-2.5 s; slope of predicted on
+  true start 0.40), so the model's reading of a late audio token's time saturates. Whisper sinusoids of the token
+  index (amplitude 0.5) added to the projector output did not change that (session 4, 1100 steps: IoU 0.36 on the
+  800 pairs, slope 0.37).
   QA answers: the synthetic reference answers end with the option's text ("Final answer: gold"), not its
   letter. With letters ("Final answer: (d) gold", sessions 1-4) the answers were at chance (26.5 %): teacher-
   forced on the reference reasoning the correct letter got p = 0.250 (200 held-out questions), i.e. the letter

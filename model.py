@@ -495,11 +495,12 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
                                                          audio_embeds=audio_embeds)
     h = model.embed(input_ids, **audio)                                                   # (B, T, D)
     pos = positions_from_mask(key_valid)
+    valid = None if bool(key_valid.all()) else key_valid           # no left pads: nothing to mask
     prompt_cache = lm.new_cache(B, T)
-    h, _ = lm.decode(h, pos, causal_mask(key_valid, T), prompt_cache, 0)
+    # prefill; without left pads plain causal attention (SDPA's is_causal: flash-capable, skips masked blocks)
+    h, _ = lm.decode(h, pos, None if valid is None else causal_mask(key_valid, T), prompt_cache, 0)
     logits = (h[:, -1] @ lm.lm_head_weight().T).repeat_interleave(G, 0)                    # (B*G, V)
 
-    valid = None if bool(key_valid.all()) else key_valid           # no left pads: nothing to mask
     prefix = [(k, v, valid) for k, v in prompt_cache]              # the prompt's keys: one copy per prompt
     cache = lm.new_cache(B * G, N)                                  # each row's own keys
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                                       # (B*G, 1)

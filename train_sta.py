@@ -24,7 +24,15 @@ Built-in tiny default (CPU, no download):
   time pieces; a time code in the oracle's audio tokens (sin/cos of periods 10 s, 1 s, 0.1 s) did not help
   (0.28), nor (+0.02) adding each audio token the embedding of its time piece. So with perfect word
   recognition the decoder is no better than the full model: the limit is the decoder finding the phrase in
-  the audio and writing its time, not the encoder.
+  the audio and writing its time, not the encoder. Session 7, same oracle: 1500 steps 0.48 (0.38 at 600, 0.41
+  at 900, 0.44 at 1200 of that schedule); at 300 steps (0.30-0.34 as it is) no better with audio tokens equal
+  to the text input embedding of their word's first piece (0.30; 0.33 added to the learned ones), learned
+  onset/offset vectors on each word's first/last token (0.28), or half (0.19) or all (0.23) of the training
+  pairs from word-shuffled clips (no sentence template to lean on; 0.28 and 0.26 vs 0.42 at 600); 6 layers x 128 wide
+  (the same FLOPs) 0.24 at 300, 0.38 at 600.
+  By phrase length (1300 steps): IoU 0.26 / 0.44 / 0.53 / 0.64 for 1 / 2 / 3 / 4 words; 53 % of the one-word
+  answers overlap the word at all, and a phrase whose first word occurs twice in the clip scores 0.37
+  (unique first word 0.50).
   The target of 0.7 is NOT reached. Errors grow with the phrase's start: IoU 0.61 / 0.44 / 0.30 / 0.25 for starts
   in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.52; the start's second is right 65 % of
   the time, its tenth 20 % (within one tenth 45 %), and 24 % of the starts are off by more than 0.7 s (a wrong

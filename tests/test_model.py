@@ -353,6 +353,17 @@ def test_generate_greedy_matches_no_cache(tiny):
         assert torch.equal(tokens[b, :n], ref[b, :n]) and (tokens[b, n:] == 0).all()
 
 
+def test_generate_unpadded_prompt_matches_no_cache(tiny):
+    """A prompt without left pads is prefilled with SDPA's is_causal (no explicit mask): same tokens as full
+    forwards with the (B, T) attention mask."""
+    ids, mask, feats, fmask = (x[:1] for x in tiny_batch())
+    assert mask.all() and fmask.all()
+    with torch.no_grad():
+        ref = greedy_reference(tiny, ids, mask, feats, fmask, 12)
+    tokens, _, _ = M.generate(tiny, ids, mask, feats, fmask, max_new_tokens=12, temperature=0, eos_token_id=None)
+    assert torch.equal(tokens, ref)
+
+
 def test_generate_causal_lm_gqa(ckpts):
     """The static-cache path with 4 query heads per kv head (Llama) against full forwards."""
     lm = M.from_pretrained(ckpts["llama"][1])

@@ -25,7 +25,7 @@ Built-in tiny default (CPU, no download):
   (0.28), nor (+0.02) adding each audio token the embedding of its time piece. So with perfect word
   recognition the decoder is no better than the full model: the limit is the decoder finding the phrase in
   the audio and writing its time, not the encoder. Session 7, same oracle: 1500 steps 0.48 (0.38 at 600, 0.41
-  at 900, 0.44 at 1200 of that schedule); at 300 steps (0.30-0.34 as it is) no better with audio tokens equal
+  at 900, 0.44 at 1200 of that schedule); at 300 steps (unchanged oracle: 0.30-0.34) no better with audio tokens equal
   to the text input embedding of their word's first piece (0.30; 0.33 added to the learned ones), learned
   onset/offset vectors on each word's first/last token (0.28), or half (0.19) or all (0.23) of the training
   pairs from word-shuffled clips (no sentence template to lean on; 0.28 and 0.26 vs 0.42 at 600 steps);

@@ -15,8 +15,9 @@ Sections (ratios are ours / reference; > 1 is better for tokens/s, < 1 is better
            save_pretrained, loaded by our from_pretrained). Both sides: full (B, T, V) logits + cross-entropy.
   rollout  one GRPO group: 1 prompt with 30 s of audio, G = 8 completions of 128 tokens (eos never stops a
            row), temperature 0.8. Ours: model.generate(num_samples=G) (audio encoded and prompt prefilled once,
-           static KV cache); ours without sharing (prompt repeated G times); transformers'
-           Qwen2AudioForConditionalGeneration.generate on the prompt repeated G times (do_sample, top_k 0).
+           static KV cache; on CUDA each decoding step replayed as a CUDA graph, and a row without it); ours
+           without sharing (prompt repeated G times); transformers' Qwen2AudioForConditionalGeneration.generate
+           on the prompt repeated G times (do_sample, top_k 0).
   audio    30 s of audio -> LLM rows: log-mel features, then encoder + adapter (ours: audio_encoder.features +
            LALM.encode_audio; transformers: WhisperFeatureExtractor + audio_tower + multi_modal_projector).
   grpo     one step of the tiny default GRPO run (configs/grpo_tiny.json: 4 prompts x G 8, 96 new tokens,
@@ -25,7 +26,7 @@ Sections (ratios are ours / reference; > 1 is better for tokens/s, < 1 is better
            update (policy forward + backward + AdamW step); and a plain SFT step (forward + cross-entropy +
            backward + AdamW) on the same tokens.
   gpu      (cuda only) ours on a Qwen2-7B-shaped decoder: training forward+backward tokens/s and MFU, and
-           decode tokens/s against the memory-bandwidth bound.
+           decode tokens/s (CUDA graph and eager) against the memory-bandwidth bound.
 
 Results, machine and caveats: BENCHMARKS.md.
 Method: models and inputs are built from fixed seeds; every timed function is warmed up, then the sides of a
@@ -306,6 +307,10 @@ def rollout_case(args, side, G, new_tokens, audio_seconds, temperature=0.8) -> C
         return M.generate(model, ids, mask, feats, fmask, max_new_tokens=new_tokens, num_samples=G,
                           temperature=temperature, eos_token_id=None, generator=gen)
 
+    def ours_eager():                        # CUDA only: every decoding step launched op by op
+        return M.generate(model, ids, mask, feats, fmask, max_new_tokens=new_tokens, num_samples=G,
+                          temperature=temperature, eos_token_id=None, generator=gen, cuda_graph=False)
+
     def ours_repeat():
         return M.generate(model, rep(ids), rep(mask), rep(feats), rep(fmask), max_new_tokens=new_tokens,
                           temperature=temperature, eos_token_id=None, generator=gen)
@@ -315,16 +320,21 @@ def rollout_case(args, side, G, new_tokens, audio_seconds, temperature=0.8) -> C
         return model.generate(input_ids=rep(ids), attention_mask=rep(mask), input_features=rep(feats),
                               feature_attention_mask=rep(fmask), do_sample=True, temperature=temperature, top_k=0,
                               top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    return Case(dict(ours=ours, ours_repeat=ours_repeat, transformers=transformers)[side], G * new_tokens)
+    return Case(dict(ours=ours, ours_eager=ours_eager, ours_repeat=ours_repeat, transformers=transformers)[side],
+                G * new_tokens)
 
 
 def bench_rollout(args) -> list:
     G, N = 8, 128
-    r = compare(rollout_case, args, ("ours", "ours_repeat", "transformers"), G=G, new_tokens=N, audio_seconds=30.0)
+    cuda = args.device == "cuda"
+    r = compare(rollout_case, args, ("ours", "ours_repeat", "transformers") + (("ours_eager",) if cuda else ()),
+                G=G, new_tokens=N, audio_seconds=30.0)
     label = f"tiny LALM, 30 s audio, G{G} x {N} tokens"
     rows = [row("rollout", f"{label}, prefix-shared", r["ours"], r["transformers"]),
             row("rollout", f"{label}, prompt repeated G times", r["ours_repeat"], r["transformers"]),
             row("rollout", f"{label}: prefix-sharing gain", r["ours"], r["ours_repeat"], "ours, repeated")]
+    if cuda:
+        rows.append(row("rollout", f"{label}: CUDA-graph gain", r["ours"], r["ours_eager"], "ours, eager"))
     for x in rows:
         print_row(x)
     return rows
@@ -547,16 +557,21 @@ def bench_gpu(args, config=QWEN2_7B) -> list:
 
     G, N, prompt = 8, 128, 782                          # 30 s of audio (750 tokens) + a question
     ids = torch.randint(0, c["vocab"], (1, prompt), device=dev)
-    gen = lambda n: M.generate(lm, ids, max_new_tokens=n, num_samples=G, temperature=0.8)       # noqa: E731
-    secs = measure_time({"full": Case(lambda: gen(N), 0), "prefill": Case(lambda: gen(1), 0)}, args)
-    decode_tok_s = G * (N - 1) / (secs["full"] - secs["prefill"])
+    # one generate = prefill + N sampled tokens; decode rate = the N - 1 decoding steps' tokens over (full - prefill)
+    gen = lambda n, graph=True: M.generate(lm, ids, max_new_tokens=n, num_samples=G, temperature=0.8,  # noqa: E731
+                                           cuda_graph=graph)
+    secs = measure_time({"graph": Case(lambda: gen(N), 0), "eager": Case(lambda: gen(N, False), 0),
+                         "prefill": Case(lambda: gen(1), 0)}, args)
     param_bytes = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n or c["tie"]) * 2
     kv_bytes = 2 * c["layers"] * c["kv_heads"] * c["head_dim"] * G * (prompt + N / 2) * 2     # mean context
     bound = G * bandwidth / (param_bytes + kv_bytes)
-    rows.append(dict(section="gpu", case=f"7B-shaped decode G{G}, prompt {prompt}, {N} tokens", unit="tok/s",
-                     ours=decode_tok_s, reference="bandwidth bound", ref=bound, ratio=decode_tok_s / bound,
-                     higher_is_better=True, ours_mb=mb(lambda: gen(N)), ref_mb=None))
-    print_row(rows[-1])
+    for mode in ("graph", "eager"):
+        decode_tok_s = G * (N - 1) / (secs[mode] - secs["prefill"])
+        rows.append(dict(section="gpu", case=f"7B-shaped decode G{G}, prompt {prompt}, {N} tokens, "
+                         f"{'CUDA graph' if mode == 'graph' else 'eager'}", unit="tok/s", ours=decode_tok_s,
+                         reference="bandwidth bound", ref=bound, ratio=decode_tok_s / bound, higher_is_better=True,
+                         ours_mb=mb(lambda: gen(N, mode == "graph")), ref_mb=None))
+        print_row(rows[-1])
     return rows
 
 

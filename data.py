@@ -655,8 +655,8 @@ def _scene(rng, qa_type):
     if qa_type == "speaker":
         n_turns = rng.choice([2, 2, 3])
         turns = [_sentence(rng, "desc" if n_turns == 3 else rng.choice(["desc", "have"])) for _ in range(n_turns)]
-        while len({" ".join(t) for t in turns}) < len(turns):
-            turns[-1] = _sentence(rng, "desc")
+        while len({" ".join(t) for t in turns}) < len(turns):          # every turn distinct: redraw a repeat
+            turns[next(i for i in range(1, len(turns)) if turns[i] in turns[:i])] = _sentence(rng, "desc")
         k = rng.randrange(len(turns))
         def make(tw):
             ws = tw[k]
@@ -709,13 +709,16 @@ def _scene(rng, qa_type):
             choices = [places[k], places[1 - k]] + rng.sample([p for p in V["place"] if p not in places], 2)
             return f"Where does {people[k]} go?", choices, places[k], ws, "the speaker says", ""
         return [words], make
-    # next_word and word_at_time: one or two plain sentences
-    turns = [_sentence(rng, rng.choice(["desc", "have", "go"])) + (
-        _sentence(rng, "desc") if rng.random() < 0.3 else [])]
-    words = turns[0]
-    content = [i for i, w in enumerate(words) if w in CATEGORY and words.count(w) == 1]
-    if qa_type == "next_word":
+    # next_word and word_at_time: one or two plain sentences, redrawn in the rare draw without a word to ask about
+    while True:
+        turns = [_sentence(rng, rng.choice(["desc", "have", "go"])) + (
+            _sentence(rng, "desc") if rng.random() < 0.3 else [])]
+        words = turns[0]
+        content = [i for i, w in enumerate(words) if w in CATEGORY and words.count(w) == 1]
         cand = [i for i in range(len(words) - 1) if words.count(words[i]) == 1 and words[i + 1] in CATEGORY]
+        if cand if qa_type == "next_word" else content:
+            break
+    if qa_type == "next_word":
         k = rng.choice(cand)
         def make(tw):
             a, b = tw[0][k], tw[0][k + 1]

@@ -122,11 +122,19 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:                       # static cache: write this chunk, attend over all slots
             k_cache, v_cache = cache
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
+            if torch.is_tensor(start):              # a slot index held on the device (CUDA-graph decoding, T = 1)
+                k_cache.index_copy_(2, start, k.to(k_cache.dtype))
+                v_cache.index_copy_(2, start, v.to(v_cache.dtype))
+            else:
+                k_cache[:, :, start:start + T] = k
+                v_cache[:, :, start:start + T] = v
             k, v = k_cache, v_cache
-        if prefix is not None:                      # grouped decoding: slots [0, start + T) are written
-            o = shared_prefix_attention(q, *prefix, k[:, :, :start + T], v[:, :, :start + T])
+        if prefix is not None:                      # grouped decoding
+            if torch.is_tensor(start):              # fixed shapes: every slot, the unwritten ones masked
+                own_valid = torch.arange(k.shape[2], device=k.device) <= start
+            else:                                   # slots [0, start + T) are written
+                k, v, own_valid = k[:, :, :start + T], v[:, :, :start + T], None
+            o = shared_prefix_attention(q, *prefix, k, v, own_valid)
             return self.o_proj(o.reshape(B, T, -1)), None
         probs, r = None, self.heads // self.kv_heads
         if r > 1 and (cache is None or output_attentions):
@@ -144,15 +152,16 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), probs
 
 
-def shared_prefix_attention(q, prefix_k, prefix_v, prefix_valid, k, v) -> torch.Tensor:
+def shared_prefix_attention(q, prefix_k, prefix_v, prefix_valid, k, v, own_valid=None) -> torch.Tensor:
     """One decoding step of G rows per prompt that share the prompt's keys (Hydragen / cascade attention).
 
     The prompt's keys and values are stored and read once per prompt instead of once per row, and one softmax
     runs over [prompt keys, the row's own keys]. With audio prompts (hundreds of tokens) and G = 8 the prompt
     is most of a step's key/value traffic and of the cache's memory.
     q (B*G, H, 1, hd); prefix_k/v (B, H_kv, T, hd), prefix_valid (B, T) or None (no left pads); k/v
-    (B*G, H_kv, S, hd): the rows' own keys so far (all valid) -> (B*G, 1, H*hd). GQA: query head j*r + i uses
-    kv head j, so the G rows' r query heads of kv head j are stacked as the rows of one matmul with the prompt.
+    (B*G, H_kv, S, hd): the rows' own keys, all valid, or those where own_valid (S,) is true -> (B*G, 1, H*hd).
+    GQA: query head j*r + i uses kv head j, so the G rows' r query heads of kv head j are stacked as the rows
+    of one matmul with the prompt.
     """
     BG, H, _, hd = q.shape
     B, Hkv, T, _ = prefix_k.shape
@@ -162,6 +171,8 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_valid, k, v) -> torch.
     if prefix_valid is not None:                                                        # left pads
         s_prompt = s_prompt.masked_fill(~prefix_valid[:, None, None, :], float("-inf"))
     s_own = q.view(BG, Hkv, r, hd) @ k.transpose(-1, -2)                                # (B*G, Hkv, r, S)
+    if own_valid is not None:                                                           # unwritten slots
+        s_own = s_own.masked_fill(~own_valid, float("-inf"))
     s_prompt = s_prompt.view(B, Hkv, G, r, T).transpose(1, 2).reshape(BG, Hkv, r, T)
     p = (torch.cat([s_prompt, s_own], -1).float() * hd ** -0.5).softmax(-1).to(v.dtype)  # (B*G, Hkv, r, T+S)
     p_prompt = p[..., :T].reshape(B, G, Hkv, r, T).transpose(1, 2).reshape(B, Hkv, G * r, T)
@@ -472,10 +483,45 @@ def sample(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)                           # first cdf > u
 
 
+def cuda_graph_step(lm, cache, prefix, next_pos):
+    """One decoding step (token ids -> next-token logits) captured once as a CUDA graph and replayed.
+
+    Eager decoding launches ~60 kernels per layer per step, one by one from Python: a 7B model spends most of
+    each step launching them rather than reading its weights. Replaying them as one graph needs fixed shapes
+    and addresses: the token, its position and its cache slot live in static tensors written before each
+    replay, and attention covers every slot of the rows' own cache, the unwritten ones masked (Attention with
+    a tensor `start`). Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V), a buffer the next replay
+    overwrites. Call it inside the caller's autocast/no_grad context: the warm-up run caches autocast's weight
+    casts outside the graph.
+    """
+    tok = torch.zeros(next_pos.shape, dtype=torch.long, device=next_pos.device)             # (B*G, 1)
+    pos, slot = next_pos.clone(), torch.zeros(1, dtype=torch.long, device=next_pos.device)
+
+    def step():
+        h, _ = lm.decode(lm.embed_ids(tok), pos, None, cache, slot, prefix=prefix)
+        return h[:, 0] @ lm.lm_head_weight().T
+    side = torch.cuda.Stream()                  # warm-up (cuBLAS workspaces, autocast casts) off the graph
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                                  # writes slot 0, which step 0 overwrites before reading it
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+
+    def run(new_tok, new_pos, t):
+        tok.copy_(new_tok[:, None])
+        pos.copy_(new_pos)
+        slot.fill_(t)
+        graph.replay()
+        return logits
+    return run
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None, *,
              max_new_tokens=128, num_samples=1, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None,
-             pad_token_id=0, generator=None, audio_embeds=None, check_every=8):
+             pad_token_id=0, generator=None, audio_embeds=None, check_every=8, cuda_graph=True):
     """LEFT-padded prompts (B, T) -> (tokens (B*G, N), lengths (B*G,) incl. EOS, finished (B*G,) bool).
 
     Rows are prompt-major (b*G + g). Audio is encoded and the prompt prefilled once per prompt; the prompt's
@@ -483,6 +529,8 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     running (padded) so no step needs a host sync; all-finished is checked every `check_every` steps.
     eos_token_id: an id or a list (None: never stops).
     audio_embeds (from model.encode_audio for these B prompts) may replace input_features.
+    cuda_graph: on a GPU, replay each decoding step as a CUDA graph (cuda_graph_step); not under FSDP2, whose
+    per-block hooks cannot be captured.
     """
     lm = decoder_of(model)
     B, T = input_ids.shape
@@ -496,13 +544,15 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     h = model.embed(input_ids, **audio)                                                   # (B, T, D)
     pos = positions_from_mask(key_valid)
     valid = None if bool(key_valid.all()) else key_valid           # no left pads: nothing to mask
-    prompt_cache = lm.new_cache(B, T)
+    # under autocast keys and values come out of the projections in its dtype: keep the cache in it too
+    cache_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    prompt_cache = lm.new_cache(B, T, dtype=cache_dtype)
     # prefill; without left pads plain causal attention (SDPA's is_causal: flash-capable, skips masked blocks)
     h, _ = lm.decode(h, pos, None if valid is None else causal_mask(key_valid, T), prompt_cache, 0)
     logits = (h[:, -1] @ lm.lm_head_weight().T).repeat_interleave(G, 0)                    # (B*G, V)
 
     prefix = [(k, v, valid) for k, v in prompt_cache]              # the prompt's keys: one copy per prompt
-    cache = lm.new_cache(B * G, N)                                  # each row's own keys
+    cache = lm.new_cache(B * G, N, dtype=cache_dtype)               # each row's own keys
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1                                       # (B*G, 1)
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=dev).reshape(-1)
     tokens = torch.full((B * G, N), pad_token_id, dtype=torch.long, device=dev)
@@ -510,6 +560,9 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     # Omni's image/video placeholders are never sampled: forward refuses them, so a completion holding one
     # could not be scored (completion_logprobs) later
     banned = torch.as_tensor(getattr(model, "vision_token_ids", []), dtype=torch.long, device=dev)
+    fsdp = any(hasattr(m, "set_reshard_after_forward") for m in lm.modules())
+    graph = cuda_graph_step(lm, cache, prefix, next_pos) if cuda_graph and dev.type == "cuda" and N > 1 \
+        and not fsdp else None
     for t in range(N):
         if len(banned):
             logits = logits.index_fill(-1, banned, float("-inf"))
@@ -519,8 +572,11 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
         finished |= torch.isin(tok, eos)
         if t == N - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
-        h, _ = lm.decode(lm.embed_ids(tok[:, None]), next_pos, None, cache, t, prefix=prefix)
-        logits = h[:, 0] @ lm.lm_head_weight().T
+        if graph is not None:
+            logits = graph(tok, next_pos, t)
+        else:
+            h, _ = lm.decode(lm.embed_ids(tok[:, None]), next_pos, None, cache, t, prefix=prefix)
+            logits = h[:, 0] @ lm.lm_head_weight().T
         next_pos = next_pos + 1
     is_eos = torch.isin(tokens, eos)
     first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(finished, N, dtype=torch.long))

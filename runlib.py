@@ -10,8 +10,8 @@ API (stable; the training scripts import exactly these names)
         the key, the expected type and what was found. Types: int, float, bool, str, `X | None`, list, dict.
     config_dict(cfg) -> dict                         resolved config, JSON-ready (saved with run and checkpoints)
   Processes (one code path for 1..N; torchrun's RANK/LOCAL_RANK/WORLD_SIZE, read when called)
-    setup_dist(device="auto") -> Dist                init the process group if launched by torchrun
-                                                     (nccl on CUDA, gloo on CPU); Dist(rank, local_rank,
+    setup_dist(device="auto") -> Dist                init the process group if launched by torchrun (any
+                                                     world size; nccl on CUDA, gloo on CPU); Dist(rank, local_rank,
                                                      world_size, device, is_main, distributed)
     cleanup_dist(dist)                               destroy the process group
     start_run(cfg, dist) -> log                      print + save the resolved config; log prints on rank 0 only
@@ -31,6 +31,7 @@ API (stable; the training scripts import exactly these names)
         deletes all but the newest keep_last; a crash at any moment leaves the previous `latest` intact.
         save_weights(module, path, state_dict=None) writes the weights (model.save_pretrained); under
         FSDP2 it receives the gathered full state dict.
+    unsharded_copy(model, state_dict, prefix="") -> nn.Module   a plain copy holding that gathered state
         meta gets "step", "rng" (every rank's RNG states) and "time" added.
     latest_checkpoint(ckpt_dir) -> str | None        resolved path of `latest`, None if there is none
     load_meta(path) -> dict                          meta.json of a checkpoint
@@ -197,8 +198,9 @@ class Dist:
 
 
 def setup_dist(device: str = "auto") -> Dist:
-    """Initialise the process group when launched by torchrun; pick this process's device."""
-    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Initialise the process group when launched by torchrun (with any number of processes, 1 too: a one-GPU
+    FSDP2 run is the 8-GPU run's code path); pick this process's device."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -352,6 +354,15 @@ def _full_state_dicts(model: nn.Module, optimizer):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(model, optimizer, options=opts)
     return None, optimizer.state_dict()
+
+
+def unsharded_copy(model: nn.Module, state_dict: dict, prefix: str = "") -> nn.Module:
+    """A plain copy of `model` (type(model)(model.config), built on meta) holding the full state dict FSDP2
+    gathered (_full_state_dicts), whose keys start with `prefix` (the wrapper's attribute holding model)."""
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items()}, assign=True)
+    return copy
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module, optimizer, meta: dict, dist: Dist,

@@ -374,8 +374,13 @@ def micro_batch(batch, rows: list, G: int, audio_token_id: int, encoded: bool):
 @contextmanager
 def full_parameters(model):
     """FSDP2: gather the full parameters once around generation (ranks decode different numbers of tokens, so
-    per-layer all-gathers inside generate would not line up); a no-op for plain and DDP models."""
+    per-layer all-gathers inside generate would not line up); a no-op for plain and DDP models.
+    Generation calls the blocks, not the root's forward: FSDP2 names the root in its first forward and a block
+    run before it would take itself for one, so the root is initialised here first (private call: FSDP2 has no
+    public one)."""
     mods = [m for m in model.modules() if hasattr(m, "set_reshard_after_forward")]
+    if mods:
+        model._get_fsdp_state()._lazy_init()
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -507,7 +512,7 @@ def main(argv=None):
     def save_weights(module, path, state_dict=None):
         inner = module.model
         if state_dict is not None:                                        # FSDP2: full state gathered on rank 0
-            inner.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
+            inner = runlib.unsharded_copy(policy, state_dict, prefix="model.")
         model_lib.save_pretrained(inner, path)
 
     def save(step, evals):

@@ -395,6 +395,28 @@ def _digest(folder):
     return h.hexdigest()
 
 
+def test_rare_scene_draws_build():
+    """Draws that a 20,000-clip corpus met: a next_word sentence without a unique word before a content word
+    (raised IndexError) and a 3-speaker scene whose first two turns were equal (looped forever, redrawing only
+    the last turn). Each must now build a scene with distinct turns, within a second."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("scene draw did not finish")
+    old = signal.signal(signal.SIGALRM, too_slow)
+    try:
+        for seed, index in ((0, 13069), (1, 3556), (0, 30932), (1, 15885)):
+            rng = random.Random(f"tgsr-synth-{seed}-{index}")      # as synth_clip draws its QA type
+            qa_type = D.QA_TYPES[index % len(D.QA_TYPES)] if rng.random() < 0.5 else rng.choice(D.QA_TYPES)
+            signal.alarm(1)
+            turns, make = D._scene(rng, qa_type)
+            signal.alarm(0)
+            assert qa_type in ("next_word", "speaker") and len({" ".join(t) for t in turns}) == len(turns)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_synth_deterministic(corpus, tmp_path):
     out, stats = corpus
     again = tmp_path / "again"

@@ -260,7 +260,8 @@ def test_train_grpo_runs_and_resumes(tiny, tmp_path, monkeypatch):
     assert (straight / "completions.jsonl").exists()
 
 
-def test_two_gloo_processes_match_one(tiny, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(tiny, tmp_path, strategy):
     # same global batch (2 prompts x G 4): one process with 2 micro-batches vs two processes with 1 each. The
     # reference is a different random model, so the KL term gives a non-zero loss and gradient to compare.
     import os
@@ -271,7 +272,7 @@ def test_two_gloo_processes_match_one(tiny, tmp_path):
     train_grpo.main(common + [f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train_grpo.__file__,
-           *common, f"--out_dir={tmp_path / 'two'}", "--grad_accum=1"]
+           *common, f"--out_dir={tmp_path / 'two'}", "--grad_accum=1", f"--strategy={strategy}"]
     proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(train_grpo.__file__), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -364,6 +364,28 @@ def test_generate_unpadded_prompt_matches_no_cache(tiny):
     assert torch.equal(tokens, ref)
 
 
+def test_decode_step_with_a_slot_tensor_matches_the_sliced_step(tiny):
+    """The fixed-shape step a CUDA graph replays (slot index as a tensor: cache written by index_copy_, every
+    slot attended, the unwritten ones masked) == the eager step (slots [0, t] sliced), over left-padded
+    prompts shared by G rows."""
+    ids, mask, feats, fmask = tiny_batch()
+    lm, G, N = tiny.language_model, 2, 5
+    pos = M.positions_from_mask(mask)
+    prompt = lm.new_cache(2, ids.shape[1])
+    tok = torch.randint(0, 96, (2 * G, N), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lm.decode(tiny.embed(ids, feats, fmask), pos, M.causal_mask(mask.bool(), ids.shape[1]), prompt, 0)
+        prefix = [(k, v, mask.bool()) for k, v in prompt]
+        sliced, fixed = lm.new_cache(2 * G, N), lm.new_cache(2 * G, N)
+        next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
+        for t in range(N):
+            x = lm.embed_ids(tok[:, t:t + 1])
+            a, _ = lm.decode(x, next_pos + t, None, sliced, t, prefix=prefix)
+            b, _ = lm.decode(x, next_pos + t, None, fixed, torch.tensor([t]), prefix=prefix)
+            assert max_diff(a, b) < 1e-6, t
+    assert all(torch.equal(p, q) for layer_a, layer_b in zip(sliced, fixed) for p, q in zip(layer_a, layer_b))
+
+
 def test_generate_causal_lm_gqa(ckpts):
     """The static-cache path with 4 query heads per kv head (Llama) against full forwards."""
     lm = M.from_pretrained(ckpts["llama"][1])

@@ -500,14 +500,15 @@ def cuda_graph_step(lm, cache, prefix, next_pos):
     def step():
         h, _ = lm.decode(lm.embed_ids(tok), pos, None, cache, slot, prefix=prefix)
         return h[:, 0] @ lm.lm_head_weight().T
-    side = torch.cuda.Stream()                  # warm-up (cuBLAS workspaces, autocast casts) off the graph
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()                                  # writes slot 0, which step 0 overwrites before reading it
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
+    with torch.cuda.device(next_pos.device):    # the model's GPU, whichever is current
+        side = torch.cuda.Stream()              # warm-up (cuBLAS workspaces, autocast casts) off the graph
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()                              # writes slot 0, which step 0 overwrites before reading it
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
 
     def run(new_tok, new_pos, t):
         tok.copy_(new_tok[:, None])

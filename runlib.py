@@ -11,14 +11,15 @@ API (stable; the training scripts import exactly these names)
     config_dict(cfg) -> dict                         resolved config, JSON-ready (saved with run and checkpoints)
   Processes (one code path for 1..N; torchrun's RANK/LOCAL_RANK/WORLD_SIZE, read when called)
     setup_dist(device="auto") -> Dist                init the process group if launched by torchrun (any
-                                                     world size; nccl on CUDA, gloo on CPU); Dist(rank, local_rank,
-                                                     world_size, device, is_main, distributed)
+                                                     world size; nccl on CUDA, gloo on CPU);
+                                                     Dist(rank, local_rank, world_size, device, is_main,
+                                                     distributed)
     cleanup_dist(dist)                               destroy the process group
     start_run(cfg, dist) -> log                      print + save the resolved config; log prints on rank 0 only
     wrap_model(model, dist, strategy, param_dtype=None) -> model
                                                      "ddp": DistributedDataParallel; "fsdp": FSDP2
                                                      fully_shard on every block of every nn.ModuleList and
-                                                     on the root; a no-op in a single process
+                                                     on the root; a no-op outside torchrun
     unwrap(model) -> nn.Module                       the module under DDP (FSDP2 shards in place: itself)
     set_grad_sync(model, enabled)                    skip the gradient all-reduce on accumulation micro-steps
     all_reduce_sum(tensor, dist) -> tensor           in-place sum over ranks (no-op when alone)
@@ -31,8 +32,9 @@ API (stable; the training scripts import exactly these names)
         deletes all but the newest keep_last; a crash at any moment leaves the previous `latest` intact.
         save_weights(module, path, state_dict=None) writes the weights (model.save_pretrained); under
         FSDP2 it receives the gathered full state dict.
-    unsharded_copy(model, state_dict, prefix="") -> nn.Module   a plain copy holding that gathered state
         meta gets "step", "rng" (every rank's RNG states) and "time" added.
+    unsharded_copy(model, state_dict, prefix="") -> nn.Module
+                                                     a plain copy of model holding that gathered state
     latest_checkpoint(ckpt_dir) -> str | None        resolved path of `latest`, None if there is none
     load_meta(path) -> dict                          meta.json of a checkpoint
     load_optimizer(path, model, optimizer, dist)     restore optimizer state (DDP/single: optim.pt; FSDP2: full
@@ -235,7 +237,8 @@ def cleanup_dist(dist: Dist):
 
 
 def wrap_model(model: nn.Module, dist: Dist, strategy: str = "ddp", param_dtype=None) -> nn.Module:
-    """DDP (a full replica per process) or FSDP2 (parameters sharded; for 7B models); alone: unchanged.
+    """DDP (a full replica per process) or FSDP2 (parameters sharded; for 7B models); unchanged outside
+    torchrun.
 
     FSDP2 shards each block of every nn.ModuleList (encoder and decoder layers) and then the root, so one
     block's full parameters exist at a time. param_dtype (e.g. torch.bfloat16) makes FSDP2 compute in that

@@ -123,6 +123,7 @@ class Attention(nn.Module):
         if cache is not None:                       # static cache: write this chunk, attend over all slots
             k_cache, v_cache = cache
             if torch.is_tensor(start):              # a slot index held on the device (CUDA-graph decoding, T = 1)
+                assert prefix is not None, "a tensor start (all slots attended, unwritten ones masked) needs prefix"
                 k_cache.index_copy_(2, start, k.to(k_cache.dtype))
                 v_cache.index_copy_(2, start, v.to(v_cache.dtype))
             else:
@@ -492,7 +493,8 @@ def cuda_graph_step(lm, cache, prefix, next_pos):
     replay, and attention covers every slot of the rows' own cache, the unwritten ones masked (Attention with
     a tensor `start`). Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V), a buffer the next replay
     overwrites. Call it inside the caller's autocast/no_grad context: the warm-up run caches autocast's weight
-    casts outside the graph.
+    casts outside the graph. Each generate call captures anew (torch.cuda.graph synchronizes and empties the
+    allocator's cache first): a few milliseconds, counted in the rollout times of BENCHMARKS.md.
     """
     tok = torch.zeros(next_pos.shape, dtype=torch.long, device=next_pos.device)             # (B*G, 1)
     pos, slot = next_pos.clone(), torch.zeros(1, dtype=torch.long, device=next_pos.device)
@@ -507,7 +509,7 @@ def cuda_graph_step(lm, cache, prefix, next_pos):
             step()                              # writes slot 0, which step 0 overwrites before reading it
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):      # its default stream lives on the first GPU that captured
             logits = step()
 
     def run(new_tok, new_pos, t):

@@ -20,7 +20,9 @@ Built-in tiny default (CPU, ~6 min with 1 thread on a 2-core machine; needs the 
   Rollouts on these ~3.5 s clips:
   ~2,000 generated tok/s with prefix sharing vs ~1,240 without (1 thread).
 Paper runs (8 GPUs, per-GPU batch 8 completions, grad accumulation 4, G 8, lr 5e-6, beta 0.04, T 0.8, bf16):
-    python train_grpo.py --config configs/grpo_qwen2_5_omni.json --num_steps=5        # 1 GPU smoke test
+    # smoke test: the decoder trains (fp32 weights, gradients, AdamW: ~16 bytes per parameter, ~125 GB for 7B,
+    # sharded) beside a bf16 reference kept whole on every GPU (~17 GB): ~48 GB per GPU on 4
+    torchrun --standalone --nproc_per_node=4 train_grpo.py --config configs/grpo_qwen2_5_omni.json --num_steps=5
     torchrun --standalone --nproc_per_node=8 train_grpo.py --config configs/grpo_qwen2_5_omni.json
     torchrun --standalone --nproc_per_node=8 train_grpo.py --config configs/grpo_audioflamingo3.json
     torchrun --standalone --nproc_per_node=8 train_grpo.py --config configs/grpo_qwen2_audio.json

@@ -65,7 +65,10 @@ Built-in tiny default (CPU, no download):
   budget (numbers in data.py's docstring). Naming the option by its text, which reward.extract_choice and the
   official scorers read, removes the look-up; Stage 2 then has an answer to improve (train_grpo.py).
 Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, lr 2e-5, bf16, FSDP2):
-    python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --strategy=ddp   # 1-GPU smoke test
+    # smoke tests: full fine-tuning keeps ~16 bytes per parameter (fp32 weights, gradients, AdamW moments), ~132 GB
+    # for the Omni thinker: FSDP2 over several GPUs (~33 GB each on 4), or on one GPU the audio side only
+    torchrun --standalone --nproc_per_node=4 train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10
+    python train_sta.py --config configs/sta_qwen2_5_omni.json --max_steps=10 --freeze_decoder=true
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_qwen2_5_omni.json \
         --init_from=/ckpt/Qwen2.5-Omni-7B --data_dir=/data/sta/train --eval_data_dir=/data/sta/heldout
     torchrun --standalone --nproc_per_node=8 train_sta.py --config configs/sta_audioflamingo3.json ...

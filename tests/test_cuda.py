@@ -6,7 +6,9 @@
   fp32 on the GPU (TF32 off) must match to fp32 rounding.
 - SDPA's flash kernel on the paths that claim it (unpadded forward and backward, generate's prefill): run
   under sdpa_kernel(FLASH_ATTENTION) alone, which raises if any call there cannot use it.
-- generation on the device: greedy == full forwards, prefix-shared sampling == the prompt repeated G times.
+- generation on the device: greedy == full forwards; CUDA-graph decoding (the default) == eager decoding ==
+  the prompt repeated G times, sampled, in fp32; under bf16 autocast every greedy pick of the graph is the
+  eager forward's best to within bf16 rounding.
 - short bf16 runs of train_sta.py and train_grpo.py on the GPU, alone and as one-process FSDP2 under torchrun
   (nccl, MixedPrecisionPolicy bf16): the code path of the paper's 8-GPU runs, on one GPU.
 """

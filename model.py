@@ -563,9 +563,10 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     # Omni's image/video placeholders are never sampled: forward refuses them, so a completion holding one
     # could not be scored (completion_logprobs) later
     banned = torch.as_tensor(getattr(model, "vision_token_ids", []), dtype=torch.long, device=dev)
-    fsdp = any(hasattr(m, "set_reshard_after_forward") for m in lm.modules())
-    graph = cuda_graph_step(lm, cache, prefix, next_pos) if cuda_graph and dev.type == "cuda" and N > 1 \
-        and not fsdp else None
+    graph = None
+    if cuda_graph and dev.type == "cuda" and N > 1 \
+            and not any(hasattr(m, "set_reshard_after_forward") for m in lm.modules()):      # FSDP2 blocks: eager
+        graph = cuda_graph_step(lm, cache, prefix, next_pos)
     for t in range(N):
         if len(banned):
             logits = logits.index_fill(-1, banned, float("-inf"))

@@ -15,9 +15,10 @@ Sections (ratios are ours / reference; > 1 is better for tokens/s, < 1 is better
            save_pretrained, loaded by our from_pretrained). Both sides: full (B, T, V) logits + cross-entropy.
   rollout  one GRPO group: 1 prompt with 30 s of audio, G = 8 completions of 128 tokens (eos never stops a
            row), temperature 0.8. Ours: model.generate(num_samples=G) (audio encoded and prompt prefilled once,
-           static KV cache; on CUDA each decoding step replayed as a CUDA graph, and a row without it); ours
-           without sharing (prompt repeated G times); transformers' Qwen2AudioForConditionalGeneration.generate
-           on the prompt repeated G times (do_sample, top_k 0).
+           static KV cache; each decoding step replayed as a CUDA graph on a GPU, torch.compile'd on the CPU,
+           whose compilation falls in the warm-up; and a row of eager steps); ours without sharing (prompt
+           repeated G times); transformers' Qwen2AudioForConditionalGeneration.generate on the prompt repeated
+           G times (do_sample, top_k 0; eager, its default).
   audio    30 s of audio -> LLM rows: log-mel features, then encoder + adapter (ours: audio_encoder.features +
            LALM.encode_audio; transformers: WhisperFeatureExtractor + audio_tower + multi_modal_projector).
   grpo     one step of the tiny default GRPO run (configs/grpo_tiny.json: 4 prompts x G 8, 96 new tokens,
@@ -303,17 +304,17 @@ def rollout_case(args, side, G, new_tokens, audio_seconds, temperature=0.8) -> C
     gen = torch.Generator(dev).manual_seed(0)
     rep = lambda x: x.repeat_interleave(G, 0)                                         # noqa: E731
 
-    def ours():
+    def ours():                              # decoding steps as a CUDA graph (GPU) or compiled (CPU)
         return M.generate(model, ids, mask, feats, fmask, max_new_tokens=new_tokens, num_samples=G,
-                          temperature=temperature, eos_token_id=None, generator=gen)
+                          temperature=temperature, eos_token_id=None, generator=gen, compile=True)
 
-    def ours_eager():                        # CUDA only: every decoding step launched op by op
+    def ours_eager():                        # every decoding step run op by op
         return M.generate(model, ids, mask, feats, fmask, max_new_tokens=new_tokens, num_samples=G,
                           temperature=temperature, eos_token_id=None, generator=gen, cuda_graph=False)
 
     def ours_repeat():
         return M.generate(model, rep(ids), rep(mask), rep(feats), rep(fmask), max_new_tokens=new_tokens,
-                          temperature=temperature, eos_token_id=None, generator=gen)
+                          temperature=temperature, eos_token_id=None, generator=gen, compile=True)
 
     def transformers():
         model.generation_config.eos_token_id = None                # no row ever stops early, as ours
@@ -327,14 +328,15 @@ def rollout_case(args, side, G, new_tokens, audio_seconds, temperature=0.8) -> C
 def bench_rollout(args) -> list:
     G, N = 8, 128
     cuda = args.device == "cuda"
-    r = compare(rollout_case, args, ("ours", "ours_repeat", "transformers") + (("ours_eager",) if cuda else ()),
+    r = compare(rollout_case, args, ("ours", "ours_eager", "ours_repeat", "transformers"),
                 G=G, new_tokens=N, audio_seconds=30.0)
     label = f"tiny LALM, 30 s audio, G{G} x {N} tokens"
     rows = [row("rollout", f"{label}, prefix-shared", r["ours"], r["transformers"]),
+            row("rollout", f"{label}, prefix-shared, eager steps", r["ours_eager"], r["transformers"]),
             row("rollout", f"{label}, prompt repeated G times", r["ours_repeat"], r["transformers"]),
-            row("rollout", f"{label}: prefix-sharing gain", r["ours"], r["ours_repeat"], "ours, repeated")]
-    if cuda:
-        rows.append(row("rollout", f"{label}: CUDA-graph gain", r["ours"], r["ours_eager"], "ours, eager"))
+            row("rollout", f"{label}: prefix-sharing gain", r["ours"], r["ours_repeat"], "ours, repeated"),
+            row("rollout", f"{label}: {'CUDA-graph' if cuda else 'compiled-step'} gain", r["ours"],
+                r["ours_eager"], "ours, eager")]
     for x in rows:
         print_row(x)
     return rows

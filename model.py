@@ -484,36 +484,40 @@ def sample(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)                           # first cdf > u
 
 
+def decode_step(lm, tok, pos, start, cache, prefix):
+    """One grouped decoding step, the body of the static decoders below: token ids (B*G,) at positions pos
+    (B*G, 1), their keys written to slot `start` of the rows' own cache -> logits (B*G, V). An int `start`
+    attends to the written slots [0, start]; a (1,) tensor to every slot, the unwritten ones masked, so that the
+    shapes stay fixed (Attention with a tensor start)."""
+    h, _ = lm.decode(lm.embed_ids(tok[:, None]), pos, None, cache, start, prefix=prefix)
+    return h[:, 0] @ lm.lm_head_weight().T
+
+
 def cuda_graph_step(lm, cache, prefix, next_pos):
-    """One decoding step (token ids -> next-token logits) captured once as a CUDA graph and replayed.
+    """decode_step captured once as a CUDA graph and replayed.
 
     Eager decoding launches ~60 kernels per layer per step, one by one from Python: a 7B model spends most of
     each step launching them rather than reading its weights. Replaying them as one graph needs fixed shapes
     and addresses: the token, its position and its cache slot live in static tensors written before each
-    replay, and attention covers every slot of the rows' own cache, the unwritten ones masked (Attention with
-    a tensor `start`). Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V), a buffer the next replay
+    replay. Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V), a buffer the next replay
     overwrites. Call it inside the caller's autocast/no_grad context: the warm-up run caches autocast's weight
     casts outside the graph. Each generate call captures anew (torch.cuda.graph synchronizes and empties the
     allocator's cache first): a few milliseconds, counted in the rollout times of BENCHMARKS.md.
     """
-    tok = torch.zeros(next_pos.shape, dtype=torch.long, device=next_pos.device)             # (B*G, 1)
+    tok = torch.zeros(next_pos.shape[0], dtype=torch.long, device=next_pos.device)          # (B*G,)
     pos, slot = next_pos.clone(), torch.zeros(1, dtype=torch.long, device=next_pos.device)
-
-    def step():
-        h, _ = lm.decode(lm.embed_ids(tok), pos, None, cache, slot, prefix=prefix)
-        return h[:, 0] @ lm.lm_head_weight().T
     with torch.cuda.device(next_pos.device):    # the model's GPU, whichever is current
         side = torch.cuda.Stream()              # warm-up (cuBLAS workspaces, autocast casts) off the graph
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()                              # writes slot 0, which step 0 overwrites before reading it
+            decode_step(lm, tok, pos, slot, cache, prefix)  # writes slot 0, which step 0 overwrites first
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):      # its default stream lives on the first GPU that captured
-            logits = step()
+            logits = decode_step(lm, tok, pos, slot, cache, prefix)
 
     def run(new_tok, new_pos, t):
-        tok.copy_(new_tok[:, None])
+        tok.copy_(new_tok)
         pos.copy_(new_pos)
         slot.fill_(t)
         graph.replay()
@@ -521,10 +525,29 @@ def cuda_graph_step(lm, cache, prefix, next_pos):
     return run
 
 
+_compiled_decode_step = None
+
+
+def compiled_step(lm, cache, prefix):
+    """decode_step through torch.compile (inductor), for decoding on the CPU.
+
+    A tiny model's eager step is ~275 small kernels and module calls, and on a CPU each costs microseconds of
+    dispatch. Inductor fuses the elementwise work (RMSNorm, RoPE, masking, softmax) into a few C++ loops around
+    the matmuls. The slot index stays a Python int, so each step reads only the written slots: dynamo compiles
+    steps 0 and 1 (it specialises on 0 and 1), then one graph with a symbolic slot, and once more for the next
+    prompt length (~20-40 s on 2 cores in all, once per process; needs a C++ compiler). Weights are graph
+    inputs: optimizer updates need no recompile. Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V).
+    """
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True)
+    return lambda tok, pos, t: _compiled_decode_step(lm, tok, pos, t, cache, prefix)
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None, *,
              max_new_tokens=128, num_samples=1, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None,
-             pad_token_id=0, generator=None, audio_embeds=None, check_every=8, cuda_graph=True):
+             pad_token_id=0, generator=None, audio_embeds=None, check_every=8, cuda_graph=True, compile=False):
     """LEFT-padded prompts (B, T) -> (tokens (B*G, N), lengths (B*G,) incl. EOS, finished (B*G,) bool).
 
     Rows are prompt-major (b*G + g). Audio is encoded and the prompt prefilled once per prompt; the prompt's
@@ -532,8 +555,9 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     running (padded) so no step needs a host sync; all-finished is checked every `check_every` steps.
     eos_token_id: an id or a list (None: never stops).
     audio_embeds (from model.encode_audio for these B prompts) may replace input_features.
-    cuda_graph: on a GPU, replay each decoding step as a CUDA graph (cuda_graph_step); not under FSDP2, whose
-    per-block hooks cannot be captured.
+    cuda_graph: on a GPU, replay each decoding step as a CUDA graph (cuda_graph_step).
+    compile: elsewhere (the CPU), run each decoding step through torch.compile (compiled_step).
+    Neither under FSDP2, whose per-block hooks can be neither captured nor traced: there decoding stays eager.
     """
     lm = decoder_of(model)
     B, T = input_ids.shape
@@ -563,10 +587,9 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     # Omni's image/video placeholders are never sampled: forward refuses them, so a completion holding one
     # could not be scored (completion_logprobs) later
     banned = torch.as_tensor(getattr(model, "vision_token_ids", []), dtype=torch.long, device=dev)
-    graph = None
-    if cuda_graph and dev.type == "cuda" and N > 1 \
-            and not any(hasattr(m, "set_reshard_after_forward") for m in lm.modules()):      # FSDP2 blocks: eager
-        graph = cuda_graph_step(lm, cache, prefix, next_pos)
+    graph, step = cuda_graph and dev.type == "cuda", None                                # step None: eager
+    if (graph or compile) and N > 1 and not any(hasattr(m, "set_reshard_after_forward") for m in lm.modules()):
+        step = cuda_graph_step(lm, cache, prefix, next_pos) if graph else compiled_step(lm, cache, prefix)
     for t in range(N):
         if len(banned):
             logits = logits.index_fill(-1, banned, float("-inf"))
@@ -576,8 +599,8 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
         finished |= torch.isin(tok, eos)
         if t == N - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
-        if graph is not None:
-            logits = graph(tok, next_pos, t)
+        if step is not None:
+            logits = step(tok, next_pos, t)
         else:
             h, _ = lm.decode(lm.embed_ids(tok[:, None]), next_pos, None, cache, t, prefix=prefix)
             logits = h[:, 0] @ lm.lm_head_weight().T

@@ -95,6 +95,8 @@ class Config:
     max_new_tokens: int = 96                            # the tiny model's reasoning: 25-95 tokens (1-3 spans)
     rollout_prompts: int = 4                            # prompts per generate call (x G rows)
     prefix_sharing: bool = True                         # False: prompts repeated G times (for benchmarks only)
+    compile_rollout: bool = False                       # CPU: torch.compile each decoding step (model.compiled_step),
+                                                        # ~1.3x faster rollouts after a one-off ~30 s compile
     zero_spread: str = "keep"                           # groups with equal rewards: keep | drop | resample
     resample_rounds: int = 2                            # zero_spread=resample: re-roll with fresh prompts this often
     # reward (reward.RewardOptions)
@@ -288,7 +290,7 @@ def sample_groups(model, prompts, examples, tok, cfg, generator, opts) -> list:
     tokens, lengths, finished = model_lib.generate(
         model, ids, mask, feats, fmask, max_new_tokens=cfg.max_new_tokens, num_samples=G if cfg.prefix_sharing else 1,
         temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        generator=generator)                                                       # (B*G, N), rows prompt-major
+        generator=generator, compile=cfg.compile_rollout)                          # (B*G, N), rows prompt-major
     groups = []
     for b, ex in enumerate(examples):
         rows = slice(b * G, (b + 1) * G)

@@ -40,6 +40,14 @@ Built-in tiny default (CPU, no download):
   (step 1,300) to 0.25 and the alignment loss to 0.0006: past ~4,000 steps the model memorises its 2,000
   clips. 20,000 clips with a 5,000-step schedule: 0.39 / 0.45 / 0.52 after 1,000 / 2,000 / 3,000 steps, the
   same curve. So neither 6x the compute nor 10x the data takes this recipe near 0.7.
+  Session 9: the start written right after the phrase's first word and the end right after its last ("The
+  segment gold starts at gold 0.56 and ends at gold 0.88 seconds.", the transcripts' word-then-time order, so
+  the query for each time is the word itself, one hop): 0.47 after 1300 steps (0.23 / 0.41 / 0.56 / 0.64 for 1-4
+  words), no better. The default checkpoint transcribing 200 held-out clips writes word onsets within 0.11 s
+  (median; 3 % off by more than 0.5 s), so the model does know when words are spoken when it reads the audio in
+  order; spans read off its transcripts (end = the next word's onset) by word index would score 0.66 (with the
+  true end where the phrase ends the clip), but by finding the phrase's words in them only 0.36 (a recognition
+  error anywhere in the phrase loses it), which bounds a transcribe-then-answer format.
   The target of 0.7 is NOT reached. Errors grow with the phrase's start: IoU 0.61 / 0.44 / 0.30 / 0.25 for starts
   in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.52; the start's second is right 65 % of
   the time, its tenth 20 % (within one tenth 45 %), and 24 % of the starts are off by more than 0.7 s (a wrong

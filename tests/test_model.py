@@ -386,6 +386,29 @@ def test_decode_step_with_a_slot_tensor_matches_the_sliced_step(tiny):
     assert all(torch.equal(p, q) for layer_a, layer_b in zip(sliced, fixed) for p, q in zip(layer_a, layer_b))
 
 
+def test_compiled_decoding_matches_eager_and_sees_weight_updates(tiny):
+    """generate(compile=True) (model.compiled_step: torch.compile'd steps, the slot a symbolic int) samples the
+    eager tokens, over left-padded prompts shared by G rows; and after an in-place weight change (what an
+    optimizer step does) the compiled steps read the new weights, not constants baked in at compile time."""
+    ids, mask, feats, fmask = tiny_batch()
+    kw = dict(max_new_tokens=6, num_samples=2, temperature=1.0, eos_token_id=None)
+
+    def eager_and_compiled():
+        return [M.generate(tiny, ids, mask, feats, fmask, generator=torch.Generator().manual_seed(3), compile=c,
+                           **kw)[0] for c in (False, True)]
+    before = eager_and_compiled()
+    assert torch.equal(*before)
+    w = tiny.language_model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w.mul_(-4)
+    try:
+        after = eager_and_compiled()
+    finally:
+        with torch.no_grad():
+            w.div_(-4)
+    assert torch.equal(*after) and not torch.equal(before[0], after[0])
+
+
 def test_generate_causal_lm_gqa(ckpts):
     """The static-cache path with 4 query heads per kv head (Llama) against full forwards."""
     lm = M.from_pretrained(ckpts["llama"][1])

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -525,7 +526,7 @@ def cuda_graph_step(lm, cache, prefix, next_pos):
     return run
 
 
-_compiled_decode_step = None
+_compiled_decode_step = None                     # torch.compile(decode_step), built on first use
 
 
 def compiled_step(lm, cache, prefix):
@@ -533,15 +534,28 @@ def compiled_step(lm, cache, prefix):
 
     A tiny model's eager step is ~275 small kernels and module calls, and on a CPU each costs microseconds of
     dispatch. Inductor fuses the elementwise work (RMSNorm, RoPE, masking, softmax) into a few C++ loops around
-    the matmuls. The slot index stays a Python int, so each step reads only the written slots: dynamo compiles
-    steps 0 and 1 (it specialises on 0 and 1), then one graph with a symbolic slot, and once more for the next
-    prompt length (~20-40 s on 2 cores in all, once per process; needs a C++ compiler). Weights are graph
-    inputs: optimizer updates need no recompile. Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V).
+    the matmuls. The slot index stays a Python int, so each step reads only the written slots. Dynamo compiles
+    one graph for slot 0 and one for the others (~20-40 s on 2 cores; needs a C++ compiler), and again when
+    something it specialised on changes: a size it has seen only one value of (it then makes that size
+    symbolic; symbolic from the start, dynamic=True, the step is ~15 % slower), one prompt vs several, prompts
+    with vs without left pads, autocast on vs off, another model config. Past dynamo's recompile limit (8
+    graphs) the process warns once and decodes eagerly from then on. Weights are graph inputs: optimizer
+    updates need no recompile. Returns run(tok (B*G,), pos (B*G, 1), t) -> logits (B*G, V).
     """
     global _compiled_decode_step
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(decode_step, fullgraph=True)
-    return lambda tok, pos, t: _compiled_decode_step(lm, tok, pos, t, cache, prefix)
+
+    def run(tok, pos, t):
+        global _compiled_decode_step
+        try:
+            return _compiled_decode_step(lm, tok, pos, t, cache, prefix)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:          # raised before the step runs: nothing written
+            warnings.warn("generate(compile=True): torch.compile's recompile limit reached; decoding eagerly in "
+                          "this process from now on")
+            _compiled_decode_step = decode_step
+            return decode_step(lm, tok, pos, t, cache, prefix)
+    return run
 
 
 @torch.no_grad()
@@ -556,8 +570,9 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     eos_token_id: an id or a list (None: never stops).
     audio_embeds (from model.encode_audio for these B prompts) may replace input_features.
     cuda_graph: on a GPU, replay each decoding step as a CUDA graph (cuda_graph_step).
-    compile: elsewhere (the CPU), run each decoding step through torch.compile (compiled_step).
-    Neither under FSDP2, whose per-block hooks can be neither captured nor traced: there decoding stays eager.
+    compile: on the CPU, run each decoding step through torch.compile (compiled_step).
+    Neither under FSDP2 (its per-block hooks cannot be captured in a graph, and compiling them is untested):
+    there decoding stays eager.
     """
     lm = decoder_of(model)
     B, T = input_ids.shape
@@ -587,9 +602,11 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
     # Omni's image/video placeholders are never sampled: forward refuses them, so a completion holding one
     # could not be scored (completion_logprobs) later
     banned = torch.as_tensor(getattr(model, "vision_token_ids", []), dtype=torch.long, device=dev)
-    graph, step = cuda_graph and dev.type == "cuda", None                                # step None: eager
-    if (graph or compile) and N > 1 and not any(hasattr(m, "set_reshard_after_forward") for m in lm.modules()):
-        step = cuda_graph_step(lm, cache, prefix, next_pos) if graph else compiled_step(lm, cache, prefix)
+    step = lambda tok, pos, t: decode_step(lm, tok, pos, t, cache, prefix)               # noqa: E731 (eager)
+    use_graph, use_compile = cuda_graph and dev.type == "cuda", compile and dev.type == "cpu"
+    if (use_graph or use_compile) and N > 1 \
+            and not any(hasattr(m, "set_reshard_after_forward") for m in lm.modules()):      # FSDP2 blocks: eager
+        step = cuda_graph_step(lm, cache, prefix, next_pos) if use_graph else compiled_step(lm, cache, prefix)
     for t in range(N):
         if len(banned):
             logits = logits.index_fill(-1, banned, float("-inf"))
@@ -599,11 +616,7 @@ def generate(model, input_ids, attention_mask=None, input_features=None, feature
         finished |= torch.isin(tok, eos)
         if t == N - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
-        if step is not None:
-            logits = step(tok, next_pos, t)
-        else:
-            h, _ = lm.decode(lm.embed_ids(tok[:, None]), next_pos, None, cache, t, prefix=prefix)
-            logits = h[:, 0] @ lm.lm_head_weight().T
+        logits = step(tok, next_pos, t)
         next_pos = next_pos + 1
     is_eos = torch.isin(tokens, eos)
     first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(finished, N, dtype=torch.long))

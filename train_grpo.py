@@ -96,7 +96,8 @@ class Config:
     rollout_prompts: int = 4                            # prompts per generate call (x G rows)
     prefix_sharing: bool = True                         # False: prompts repeated G times (for benchmarks only)
     compile_rollout: bool = False                       # CPU: torch.compile each decoding step (model.compiled_step),
-                                                        # ~1.3x faster rollouts after a one-off ~30 s compile
+                                                        # ~1.2x faster rollouts after ~20-40 s of compiling
+                                                        # (more when the batches' shapes vary)
     zero_spread: str = "keep"                           # groups with equal rewards: keep | drop | resample
     resample_rounds: int = 2                            # zero_spread=resample: re-roll with fresh prompts this often
     # reward (reward.RewardOptions)

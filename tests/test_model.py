@@ -409,6 +409,24 @@ def test_compiled_decoding_matches_eager_and_sees_weight_updates(tiny):
     assert torch.equal(*after) and not torch.equal(before[0], after[0])
 
 
+def test_compiled_decoding_falls_back_to_eager_at_the_recompile_limit(tiny, monkeypatch):
+    """Past dynamo's recompile limit (fullgraph=True would raise) generate warns and finishes eagerly, with the
+    same tokens."""
+    ids, mask, feats, fmask = tiny_batch()
+    kw = dict(max_new_tokens=5, num_samples=2, temperature=0, eos_token_id=None)
+    eager = M.generate(tiny, ids, mask, feats, fmask, **kw)[0]
+    torch._dynamo.reset()
+    monkeypatch.setattr(M, "_compiled_decode_step", None)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)      # slot 0 compiles, slot 1 hits it
+    try:
+        with pytest.warns(UserWarning, match="recompile limit"):
+            compiled = M.generate(tiny, ids, mask, feats, fmask, compile=True, **kw)[0]
+        assert M._compiled_decode_step is M.decode_step                   # eager for the rest of the process
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+
+
 def test_generate_causal_lm_gqa(ckpts):
     """The static-cache path with 4 query heads per kv head (Llama) against full forwards."""
     lm = M.from_pretrained(ckpts["llama"][1])

@@ -716,7 +716,7 @@ def _scene(rng, qa_type):
         words = turns[0]
         content = [i for i, w in enumerate(words) if w in CATEGORY and words.count(w) == 1]
         cand = [i for i in range(len(words) - 1) if words.count(words[i]) == 1 and words[i + 1] in CATEGORY]
-        if cand if qa_type == "next_word" else content:
+        if (cand if qa_type == "next_word" else content):        # a word to ask about
             break
     if qa_type == "next_word":
         k = rng.choice(cand)

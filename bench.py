@@ -82,8 +82,10 @@ def tiny_lalm_config() -> dict:
     import runlib
     import train_sta
     cfg = runlib.parse_config(train_sta.Config, ["--config", os.path.join(CONFIGS, "sta_tiny.json")])
+    from tokenizer import TIME_PIECES
+    ids = {p: 7 + i for i, p in enumerate(TIME_PIECES)}                       # "0.0" .. "29.9": 7 .. 306, as trained
     tok = SimpleNamespace(vocab_size=cfg.vocab_size, eos_token_id=2, pad_token_id=0,
-                          token_to_id=lambda s: cfg.vocab_size - 1)           # <|AUDIO|>: the last id
+                          token_to_id=lambda s: ids.get(s, cfg.vocab_size - 1))  # <|AUDIO|>: the last id
     return train_sta.tiny_config(cfg, tok)
 
 

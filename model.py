@@ -6,6 +6,8 @@ and text only; loads the released full-model layout or the thinker-only one), au
 
 Data flow: input_ids (B, T) -> embed_tokens, audio rows from audio_encoder scattered into the placeholder
 slots -> decoder layers (RMSNorm, RoPE, GQA attention, SwiGLU) -> final norm -> logits (B, T, V).
+Our tiny default's config adds one key the released architectures lack, audio_time_embedding: each audio
+row also gets the embedding of the time token that names its time (LALM.audio_time_rows).
 
 Every module keeps the released HF `config.json` content as `module.config`; architecture dimensions are
 read from it, never guessed. Released safetensors checkpoints load through one literal key table per family
@@ -25,8 +27,8 @@ import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from audio_encoder import (LinearProjector, MLPProjector, OmniAudioEncoder, StackProjector, WhisperEncoder,
-                           encoder_config)
+from audio_encoder import (SECONDS_PER_AUDIO_TOKEN, LinearProjector, MLPProjector, OmniAudioEncoder, StackProjector,
+                           WhisperEncoder, encoder_config)
 
 
 # ---------------------------------------------------------------------------
@@ -391,6 +393,11 @@ class LALM(nn.Module):
         self.vision_token_ids = [cfg.get("image_token_id", cfg.get("image_token_index", 151655)),
                                  cfg.get("video_token_id", cfg.get("video_token_index", 151656))] \
             if family == "qwen2_5_omni" else []
+        self.time_embedding = cfg.get("audio_time_embedding")    # our tiny default only (see audio_time_rows)
+        if self.time_embedding is not None:
+            missing = {"first_token_id", "num_tokens", "seconds_per_token", "scale"} - set(self.time_embedding)
+            if missing:
+                raise ValueError(f"config audio_time_embedding lacks {sorted(missing)}")
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.language_model.lm_head_weight()
@@ -433,7 +440,30 @@ class LALM(nn.Module):
                              f"audio gives {n_rows} rows: expand each placeholder to num_audio_tokens copies")
         if n_rows:
             h = h.masked_scatter(slots[..., None], audio_embeds.to(h.dtype))
+            if self.time_embedding is not None:
+                h = h + self.audio_time_rows(slots, h.dtype)
         return h
+
+    def audio_time_rows(self, slots: torch.Tensor, dtype) -> torch.Tensor:
+        """(B, T, D): for each audio placeholder, scale x the input embedding of the time token naming the time
+        its audio token covers, zero elsewhere. Config audio_time_embedding {first_token_id, num_tokens,
+        seconds_per_token, scale}: time tokens first_token_id + i name i * seconds_per_token (the tiny default's
+        "0.0" .. "29.9" pieces, tokenizer.TIME_PIECES). Audio token k of a run of placeholders (one clip) covers
+        [k, k + 1) x 0.04 s and gets the piece of its centre: "0.0" for k = 0, 1, "0.1" for k = 2 .. 4, ...
+        So the decoder can read the time of an audio token it attends to from the token itself (with RoPE the
+        values carry no position), which the tiny default needs to write timestamps (train_sta.py). Not part of
+        the released architectures (transformers' Qwen2-Audio ignores this config key); absent from their
+        configs, so released checkpoints are unaffected."""
+        c = self.time_embedding
+        count = slots.long().cumsum(-1)                                                  # (B, T)
+        before_run = torch.where(slots, 0, count).cummax(-1).values                    # count at the run's start
+        k = (count - before_run - 1).clamp(min=0)                                      # index within the run
+        # + 1e-6: a centre exactly on a piece boundary (0.30 s) belongs to the later piece despite float rounding
+        piece = ((k + 0.5) * (SECONDS_PER_AUDIO_TOKEN / c["seconds_per_token"]) + 1e-6).long()
+        ids = c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1)
+        ids = torch.where(slots, ids, c["first_token_id"])
+        rows = self.language_model.embed_ids(ids).to(dtype) * c["scale"]
+        return rows * slots[..., None].to(dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, input_features=None,
                 feature_attention_mask=None, audio_embeds=None, return_hidden=False, output_attentions=False,

@@ -10,11 +10,25 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11-22 session 6, 2 CPU cores, 2 threads, two runs with
-  identical losses): 1300 steps x 8 clips (~53 examples) in 13.1-13.6 min, 73-107 examples/s (median 90) and
-  4,700-6,600 tokens/s (median 5,700; 5th-95th percentile of the steps); held-out mean IoU 0.48 (800 pairs,
-  seed 1; 37 % >= 0.7, 56 % >= 0.5, SED-F1 0.42). With 1100 steps (11.5-11.6 min): 0.45 (SED-F1 0.37), and
-  0.47 with --seed=2 (SED-F1 0.42).
+  scores it on the held-out pairs. Measured (2026-11-23 session 10, 2 CPU cores, 2 threads): 1300 steps x 8 clips
+  (~53 examples) in 16.9 min in a slow phase of the host, and with --seed=2 in 14.8 min (median 80 examples/s and
+  5,100 tokens/s; 61-97 examples/s, 3,900-6,100 tokens/s, 5th-95th percentile of the steps); held-out mean IoU
+  0.60 (800 pairs, seed 1; 58 % >= 0.7, 69 % >= 0.5, SED-F1 0.66), 0.60 with --seed=2 (SED-F1 0.63). Without the session-10 aids (e) and (f) below, session 6's
+  recipe: 13.1-13.6 min, 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
+  Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (two runs); each alone does not help:
+  (e) alone (scale 10) 0.48 (800 pairs; 64-pair evaluations 0.32 / 0.38 / 0.39 / 0.48 after 325 / 650 / 975 /
+  1300 steps, the old recipe 0.24 / 0.39 / 0.43 / 0.46, both together 0.33 / 0.45 / 0.45 / 0.55 and 0.29 / 0.35 /
+  0.52 / 0.60 in two runs), (f) alone (weight 1) 0.29 / 0.31 after 325 / 650, (f) with (e) at scale 1 (the
+  embedding then ~7 % of an audio token's norm: the projector's rows have RMS 1.7, the embeddings 0.13) 0.27 /
+  0.36. Probed after 650 steps (teacher-forced, 400 held-out times): the supervised head's most attended audio
+  token is within 0.15 s of the target 60 % of the time with (f) alone and 70 % with (e) + (f); the model
+  trained with (e) + (f) starts its phrases with a median error of 0.08 s (0.18 s before), 21 % of the starts
+  are more than 0.7 s off (24 % before), mostly on another word of the same kind ("sits" -> the clip's other
+  verb "sleeps", "gold" -> "orange"); IoU by phrase length 0.42 / 0.56 / 0.64 / 0.74 for 1-4 words (0.26 / 0.43
+  / 0.53 / 0.64 before) and by start second 0.73 / 0.61 / 0.37 / 0.26 for starts in [0,1) .. [3,4) s.
+  The corpus's word times are exact to ~10 ms: espeak's WORD events fall 8-15 ms before the acoustic onset
+  of words spoken after a 300 ms pause (checked on two voices). The old recipe also underfits: on 800 of its
+  training pairs it scores 0.54 (held-out 0.48).
   Time pieces (`time_pieces`, on in the tiny default): the tokenizer holds "0.0" .. "29.9" as one piece each, so
   a time is written "1.5" "5" instead of "1" "." "5" "5". Without them (1100 steps) 0.37 (SED-F1 0.17;
   0.35 with seed 2; sessions 2-4's recipe 0.41-0.43); with them the answers' durations are unbiased (mean
@@ -51,21 +65,21 @@ Built-in tiny default (CPU, no download):
   order; spans read off its transcripts (end = the next word's onset) by word index would score 0.66 (with the
   true end where the phrase ends the clip), but by finding the phrase's words in them only 0.36 (a recognition
   error anywhere in the phrase loses it), which bounds a transcribe-then-answer format.
-  The target of 0.7 is NOT reached. Errors grow with the phrase's start: IoU 0.61 / 0.44 / 0.30 / 0.25 for starts
-  in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.52; the start's second is right 65 % of
-  the time, its tenth 20 % (within one tenth 45 %), and 24 % of the starts are off by more than 0.7 s (a wrong
-  region). Earlier analysis (digit tokens, sessions 3-4): teacher-forced on 160 held-out answers, the model copies
-  the phrase (99.5% of tokens) and names the right start second 60% of the time, but the tenth only 18% (chance
-  10%); a decimal time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400 steps of 16 clips),
-  nor did (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment pre-training (the alignment
-  loss then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a decoder target naming each
-  audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or time markers ("0.2",
-  "0.4", ...) among the audio placeholders on top of that pre-training (0.24). Held-out errors grow with the
-  phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s): predicted starts stop
-  growing near 1.4 s (mean prediction 1.41 s for true starts in 1.5-2 s, 1.34 s for 2-2.5 s; slope of predicted on
-  true start 0.40), so the model's reading of a late audio token's time saturates. Whisper sinusoids of the token
-  index (amplitude 0.5) added to the projector output did not change that (session 4, 1100 steps: IoU 0.36 on the
-  800 pairs, slope 0.37).
+  Before session 10 (the old recipe, in all of this paragraph) errors grew with the phrase's start: IoU 0.61 / 0.44
+  / 0.30 / 0.25 for starts in [0,1) / [1,2) / [2,3) / [3,4) s, slope of predicted on true start 0.52; the start's
+  second is right 65 % of the time, its tenth 20 % (within one tenth 45 %), and 24 % of the starts are off by more
+  than 0.7 s (a wrong region). Earlier analysis (digit tokens, sessions 3-4): teacher-forced on 160 held-out
+  answers, the model copies the phrase (99.5% of tokens) and names the right start second 60% of the time, but the
+  tenth only 18% (chance 10%); a decimal time code in the encoder positions did not help (0.28 vs 0.38 IoU after 400
+  steps of 16 clips), nor did (64 held-out pairs, default 0.37 at the end) 3 min of encoder-only alignment
+  pre-training (the alignment loss then ends at 0.2 instead of 1.4, IoU 0.34: word recognition is not the limit), a
+  decoder target naming each audio token's tenth of a second (0.31), a 4-layer decoder in the same time (0.26), or
+  time markers ("0.2", "0.4", ...) among the audio placeholders on top of that pre-training (0.24). Held-out errors
+  grow with the phrase's start time (median start error 0.14 s before 1 s, 0.97 s for starts in 2-3 s): predicted
+  starts stop growing near 1.4 s (mean prediction 1.41 s for true starts in 1.5-2 s, 1.34 s for 2-2.5 s; slope of
+  predicted on true start 0.40), so the model's reading of a late audio token's time saturates. Whisper sinusoids of
+  the token index (amplitude 0.5) added to the projector output did not change that (session 4, 1100 steps: IoU 0.36
+  on the 800 pairs, slope 0.37).
   QA answers: the synthetic reference answers end with the option's text ("Final answer: gold"), not its
   letter. With letters ("Final answer: (d) gold", sessions 1-4) the answers were at chance (26.5 %): teacher-
   forced on the reference reasoning the correct letter got p = 0.250 (200 held-out questions), i.e. the letter
@@ -117,6 +131,15 @@ Deviations from the paper:
     (projector output) read through the LM head must name the word spoken at its centre (word times from
     words.jsonl; align_labels), which gives a from-scratch encoder the word recognition a released LALM brings
     from pre-training. Neither changes the checkpoint layout; the alignment loss needs no extra parameters.
+  * Two that find the phrase and read its time (session 10), off in the paper configs: (e) `audio_time_embedding`:
+    each audio token's input also holds 10x the input embedding of the time piece its 40 ms fall in ("0.5" for
+    0.50-0.59 s; model.LALM.audio_time_rows), so a decoder attending to an audio token can read its time from it
+    (with RoPE the attention values carry no position); (f) `ground_weight`: a grounding attention loss, where
+    the answer writes a time piece, one head of the last decoder layer (`ground_head`) is trained to put its
+    attention on the audio of [t, t + 0.12 s) for a start, [t - 0.12 s, t) for an end (ground_targets), the
+    loss being -log of that mass (weight 0.5, per time). (f) leaves the checkpoint as it is; (e) is one more key
+    in config.json, which our model.py (so eval.py, train_grpo.py) honours and transformers' Qwen2-Audio would
+    ignore. A released LALM would need neither in principle; the paper's Stage 1 has no such losses.
   * Not in the paper (it gives only the lr, batch and accumulation): linear warmup + cosine decay to min_lr,
     AdamW betas and weight decay, gradient clipping at 1.0, one epoch (~1047 steps of 256) for the 7B runs.
     Loss = mean cross-entropy over all answer tokens of the global batch (not a mean of per-example means).
@@ -143,6 +166,7 @@ from tqdm import tqdm
 
 import runlib
 from audio_encoder import AUDIO_TOKENS_PER_SECOND, encoder_config
+from model import rotate_half
 
 # ---------------------------------------------------------------------------
 # Config
@@ -163,6 +187,12 @@ class Config:
                                             # copy of the audio (data.collate_packed); batch_size counts clips
     align_weight: float = 0.5               # tiny default: weight of the frame-word alignment loss (0: off; needs
                                             # words.jsonl word times; see align_labels)
+    ground_weight: float = 0.5              # tiny default: weight of the grounding attention loss (0: off; needs
+                                            # the time pieces; see ground_targets)
+    ground_head: int = 0                    # the head of the last decoder layer that this loss supervises
+    ground_seconds: float = 0.12            # ... to attend to [start, start + this) for a start, [end - this, end)
+    audio_time_embedding: float = 10.0      # tiny model built from scratch: each audio token also gets this times
+                                            # the embedding of its time piece (model.LALM.audio_time_rows; 0: not)
     timestamps: bool = True                 # False: the "reasoning SFT without timestamps" ablation (no STA
                                             # pairs; QA reasoning and transcripts with every time removed)
     family: str = "qwen2_audio"             # chat template / architecture family
@@ -330,6 +360,43 @@ def align_labels(examples, input_ids, audio_token_id, words_of):
     return torch.tensor(labels, dtype=torch.long)
 
 
+TIME_NUMBER = re.compile(r"\d+\.\d\d")                                # "0.56" in an answer
+
+
+def ground_targets(groups, input_ids, loss_mask, audio_token_id, time_token_ids, seconds, skips):
+    """Targets of the grounding attention loss: (N, 4) long rows (batch row, query position, first audio key
+    position, stop key position). Every timestamp of an answer is written as a time piece ("0.5") and a digit;
+    the position that predicts the piece (the token before it) should attend to the audio tokens of [t, t +
+    seconds) for a start, [t - seconds, t) for an end. Starts and ends: an STA answer and a reasoning's "From X s
+    to Y s" alternate start, end; a transcript's times are all word onsets. groups: the examples of each row
+    (one each without packing), in the row's order. A row whose time pieces do not match its answers' times
+    one to one is left out and counted in skips (data.Skips)."""
+    import data
+    out = []
+    for b, group in enumerate(groups):
+        ids = input_ids[b]
+        audio_pos = (ids == audio_token_id).nonzero().flatten().tolist()
+        piece_pos = (torch.isin(ids, time_token_ids) & loss_mask[b]).nonzero().flatten().tolist()
+        times = []
+        for ex in group:
+            found = [float(t) for t in TIME_NUMBER.findall(data.target_text(ex))]
+            onsets = ex.get("question") == TRANSCRIBE_QUESTION
+            times += [(t, onsets or i % 2 == 0) for i, t in enumerate(found)]
+        skips.total += 1
+        if len(times) != len(piece_pos) or not audio_pos:
+            skips.add("time pieces != answer times", f"{group[0]['audio']}: {len(piece_pos)} time pieces, "
+                      f"{len(times)} times in the answers, {len(audio_pos)} audio tokens")
+            continue
+        n = len(audio_pos)
+        for i, (t, is_start) in zip(piece_pos, times):
+            a, z = (t, t + seconds) if is_start else (t - seconds, t)
+            first = max(0, math.ceil(round(a * AUDIO_TOKENS_PER_SECOND - 0.5, 6)))    # centres in [a, z)
+            stop = min(n, max(first + 1, math.ceil(round(z * AUDIO_TOKENS_PER_SECOND - 0.5, 6))))
+            if first < n:
+                out.append((b, i - 1, audio_pos[first], audio_pos[stop - 1] + 1))
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 4)
+
+
 def cache_audio(examples, audio_cache):
     """Load each clip once (the tiny corpus fits in memory)."""
     import data
@@ -404,26 +471,78 @@ def tiny_config(cfg, tok):
             "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         },
         "torch_dtype": "float32",
+        **({"audio_time_embedding": time_embedding(tok, cfg.audio_time_embedding)} if cfg.audio_time_embedding else {}),
     }
 
 
+def time_embedding(tok, scale):
+    """The tiny model's config audio_time_embedding (model.LALM.audio_time_rows): the tokenizer's time pieces
+    "0.0" .. "29.9" must be consecutive ids."""
+    import tokenizer as tokenizer_lib
+    ids = [tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES]
+    if None in ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError("audio_time_embedding needs the time pieces as consecutive tokens (time_pieces=true); "
+                         "set --audio_time_embedding=0")
+    return {"first_token_id": ids[0], "num_tokens": len(ids), "seconds_per_token": 0.1, "scale": scale}
+
+
 class SFTLoss(nn.Module):
-    """Summed next-token cross-entropy over answer tokens, computed on the selected positions only, and with
-    align_labels the summed frame-word alignment cross-entropy of the audio rows (else 0).
+    """Summed next-token cross-entropy over answer tokens, computed on the selected positions only; with
+    align_labels the summed frame-word alignment cross-entropy of the audio rows (else 0); with ground targets
+    (ground_targets) the summed grounding attention loss (else 0).
 
     Logits are formed for the answer positions alone (N x V instead of B x T x V: a 152k vocab at 1k
     tokens would otherwise dominate memory). Living inside one module lets DDP/FSDP2 wrap the whole step.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, ground_head=None):
         super().__init__()
         self.model = model
+        self.ground_head, self._ground, self._ground_loss = ground_head, None, None
+        if ground_head is not None:
+            attn = model.language_model.layers[-1].self_attn
+            if not 0 <= ground_head < attn.heads:
+                raise ValueError(f"ground_head {ground_head} not in [0, {attn.heads})")
+            attn.register_forward_hook(self._ground_hook)
+
+    def _ground_hook(self, attn, args, output):
+        """Inside the last layer's forward (its weights are gathered there under FSDP2): the summed -log of the
+        attention mass that head ground_head puts on each target's audio keys. Computes q and k of that one head
+        again from the layer's input (a 1/heads slice of two projections). The targets stay set until the next
+        forward, so an activation-checkpointing recompute in backward repeats the same ops (as it must); without
+        gradients (generation) nothing is computed."""
+        if self._ground is None or not torch.is_grad_enabled():
+            return
+        x, cos, sin, mask = args[:4]
+        rows, query, first, stop = self._ground.unbind(-1)
+        d, h = attn.head_dim, self.ground_head
+        kv = h // (attn.heads // attn.kv_heads)
+
+        def part(lin, j):                                                                # head j's rows
+            return lin.weight[j * d:(j + 1) * d], None if lin.bias is None else lin.bias[j * d:(j + 1) * d]
+        q = F.linear(x[rows, query], *part(attn.q_proj, h))                             # (N, d)
+        q = q * cos[rows, 0, query] + rotate_half(q) * sin[rows, 0, query]
+        k = F.linear(x, *part(attn.k_proj, kv))                                          # (B, T, d)
+        k = k * cos[:, 0] + rotate_half(k) * sin[:, 0]
+        B, T = k.shape[:2]
+        scores = (q @ k.reshape(B * T, d).t()).view(-1, B, T)[torch.arange(len(rows)), rows].float() * d ** -0.5
+        if mask is not None:                                                             # (B, 1, T, T) bool
+            scores = scores.masked_fill(~mask[rows, 0, query], float("-inf"))
+        else:                                                                            # plain causal
+            scores = scores.masked_fill(torch.arange(T, device=k.device) > query[:, None], float("-inf"))
+        keys = torch.arange(T, device=k.device)
+        on_target = (keys >= first[:, None]) & (keys < stop[:, None])
+        log_p = scores.log_softmax(-1)
+        self._ground_loss = -log_p.masked_fill(~on_target, float("-inf")).logsumexp(-1).sum()
 
     def forward(self, input_ids, attention_mask, loss_mask, input_features=None, feature_attention_mask=None,
-                align_labels=None, position_ids=None):
+                align_labels=None, position_ids=None, ground=None):
         audio = None if input_features is None else self.model.encode_audio(input_features, feature_attention_mask)
+        self._ground = ground if ground is not None and len(ground) else None
+        self._ground_loss = None
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, audio_embeds=audio,
                             return_hidden=True)                       # (B, T, D)
+        ground_loss = self._ground_loss if self._ground_loss is not None else hidden.new_zeros(())
         select = loss_mask[:, 1:]                                     # token t is predicted at t-1
         h = hidden[:, :-1][select]                                    # (N, D)
         weight = self.model.lm_head_weight()
@@ -432,7 +551,7 @@ class SFTLoss(nn.Module):
         if align_labels is not None and audio is not None:
             keep = align_labels >= 0                                  # (N_audio,)
             align = F.cross_entropy((audio[keep] @ weight.t()).float(), align_labels[keep], reduction="sum")
-        return loss, align
+        return loss, align, ground_loss
 
 
 def freeze(model, cfg):
@@ -550,7 +669,17 @@ def main(argv=None):
         enable_activation_checkpointing(model)
     use_bf16 = cfg.dtype == "bfloat16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and dist.device.type == "cuda" else nullcontext()
-    step_module = runlib.wrap_model(SFTLoss(model), dist, cfg.strategy,
+    ground_ids = None
+    if cfg.ground_weight > 0:
+        ground_ids = [tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES]
+        if None in ground_ids:
+            raise ValueError(f"ground_weight > 0 needs a tokenizer holding the time pieces "
+                             f"{tokenizer_lib.TIME_PIECES[0]!r} .. {tokenizer_lib.TIME_PIECES[-1]!r} as tokens (the "
+                             f"tiny default's, time_pieces=true); {tok_path} does not: set --ground_weight=0")
+        ground_ids = torch.tensor(ground_ids)
+    ground_skips = data.Skips("ground targets")
+    step_module = runlib.wrap_model(SFTLoss(model, cfg.ground_head if cfg.ground_weight > 0 else None), dist,
+                                    cfg.strategy,
                                     param_dtype=torch.bfloat16 if use_bf16 and cfg.strategy == "fsdp" else None)
     params = [p for p in step_module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -609,37 +738,48 @@ def main(argv=None):
         else:
             batches = [data.collate_sft([examples[units[u][0]] for u in mb], tok, cfg.family, n_mels,
                                         cfg.pad_to_30s, audio_cache=audio_cache) for mb in micro]
-        if words_of is not None:
-            for mb, b in zip(micro, batches):
+        for mb, b in zip(micro, batches):
+            if words_of is not None:
                 b["align_labels"] = align_labels([unit_info[u] for u in mb], b["input_ids"], model.audio_token_id,
                                                  words_of)
-        # normalise by the answer tokens (aligned audio tokens) of the whole global batch: 1 and N processes agree
+            if ground_ids is not None:
+                b["ground"] = ground_targets([[examples[i] for i in units[u]] for u in mb], b["input_ids"],
+                                             b["loss_mask"], model.audio_token_id, ground_ids, cfg.ground_seconds,
+                                             ground_skips)
+        # normalise by the answer tokens (aligned audio tokens, grounded times) of the whole global batch: 1 and N
+        # processes agree
         counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
-                               float(sum((b["align_labels"] >= 0).sum() for b in batches if "align_labels" in b))],
+                               float(sum((b["align_labels"] >= 0).sum() for b in batches if "align_labels" in b)),
+                               float(sum(len(b["ground"]) for b in batches if "ground" in b))],
                               dtype=torch.float64, device=dist.device)
-        n_answer, n_aligned = runlib.all_reduce_sum(counts, dist).tolist()
-        loss_sum, align_sum, n_tokens, bad_batch = 0.0, 0.0, 0, None
+        n_answer, n_aligned, n_ground = runlib.all_reduce_sum(counts, dist).tolist()
+        loss_sum, align_sum, ground_sum, n_tokens, bad_batch = 0.0, 0.0, 0.0, 0, None
         for k, (mb, batch) in enumerate(zip(micro, batches)):
             batch = {key: v.to(dist.device) for key, v in batch.items() if torch.is_tensor(v)}
             runlib.set_grad_sync(step_module, k == len(batches) - 1)
             with autocast:
-                loss, align = step_module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                          batch.get("input_features"), batch.get("feature_attention_mask"),
-                                          batch.get("align_labels"), batch.get("position_ids"))
+                loss, align, ground = step_module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                                  batch.get("input_features"), batch.get("feature_attention_mask"),
+                                                  batch.get("align_labels"), batch.get("position_ids"),
+                                                  batch.get("ground"))
             # DDP/FSDP average gradients over ranks; scale so the result is the global-token mean
-            total = loss / n_answer + (cfg.align_weight * align / n_aligned if n_aligned else 0.0)
+            total = loss / n_answer + (cfg.align_weight * align / n_aligned if n_aligned else 0.0) \
+                + (cfg.ground_weight * ground / n_ground if n_ground else 0.0)
             (total * dist.world_size).backward()
             loss_sum += loss.item()
             align_sum += align.item()
-            if not math.isfinite(loss.item() + align.item()) and bad_batch is None:
+            ground_sum += ground.item()
+            if not math.isfinite(loss.item() + align.item() + ground.item()) and bad_batch is None:
                 bad_batch = [examples[i].get("id", examples[i]["audio"]) for u in mb for i in units[u]]
             n_tokens += int(batch.get("token_mask", batch["attention_mask"]).sum())
         n_examples = sum(len(units[u]) for u in indices)
-        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), align_sum], dtype=torch.float64,
-                                                   device=dist.device), dist)
+        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), align_sum, ground_sum],
+                                                   dtype=torch.float64, device=dist.device), dist)
         loss_value = stats[0].item() / n_answer
         align_value = stats[2].item() / n_aligned if n_aligned else 0.0
+        ground_value = stats[3].item() / n_ground if n_ground else 0.0
         runlib.check_finite(align_value, "alignment loss", step + 1, f"batch at data position {position}")
+        runlib.check_finite(ground_value, "grounding loss", step + 1, f"batch at data position {position}")
         runlib.check_finite(loss_value, "loss", step + 1,
                             f"batch at data position {position}" + (f", first bad micro-batch {bad_batch}" if bad_batch else ""))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -650,13 +790,15 @@ def main(argv=None):
         step += 1
         position += global_bs
         dt = time.time() - t0
-        record = {"step": step, "loss": loss_value, **({"align_loss": align_value} if words_of else {}),
+        extra = {**({"align": align_value} if words_of else {}),
+                 **({"ground": ground_value} if ground_ids is not None else {})}
+        record = {"step": step, "loss": loss_value, **{f"{k}_loss": v for k, v in extra.items()},
                   "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": stats[1].item() / dt, "samples_per_s": n_examples / dt,
                   "elapsed": time.time() - t_start}
         bar.update(1)
         if step % cfg.log_every == 0 or step == last_step:
-            line = runlib.step_line(step, cfg.max_steps, loss=loss_value, **({"align": align_value} if words_of else {}),
+            line = runlib.step_line(step, cfg.max_steps, loss=loss_value, **extra,
                                     lr=lr, grad=grad_norm,
                                     **{"tok/s": f"{record['tok_per_s']:.0f}",
                                        "samples/s": f"{record['samples_per_s']:.1f}"}, elapsed=record["elapsed"])
@@ -674,6 +816,8 @@ def main(argv=None):
         if step % cfg.save_every == 0 or step == last_step:
             save(step, position)
     bar.close()
+    if dist.is_main:
+        ground_skips.report()
     log(f"done: {step} steps in {time.time() - t_start:.1f} s | last eval {last_eval} | checkpoint "
         f"{os.path.join(ckpt_dir, runlib.LATEST)}")
     runlib.cleanup_dist(dist)

@@ -153,7 +153,8 @@ def tiny(tmp_path_factory):
     data.build_synth_corpus(str(root / "synth"), seed=3, n=6, workers=1)
     examples = data.load_examples(str(root / "synth" / "qa.jsonl"), kind="qa")
     texts = [data.prompt_text(e) + "\n" + e["reasoning"] for e in examples]
-    tok = tokenizer_lib.train_sentencepiece(texts, str(root / "policy"), 400)
+    # the tiny default's tokenizer holds the time pieces (its audio_time_embedding needs them)
+    tok = tokenizer_lib.train_sentencepiece(texts, str(root / "policy"), 700, text_pieces=tokenizer_lib.TIME_PIECES)
     shape = train_sta.Config(n_mels=80, enc_dim=32, enc_layers=1, enc_heads=2, dec_dim=32, dec_layers=2, dec_heads=2)
     for name, seed in (("policy", 0), ("ref", 1)):
         torch.manual_seed(seed)

@@ -125,8 +125,8 @@ def test_nan_loss_stops_naming_step_and_batch(corpus, tmp_path, monkeypatch):
 
     def poisoned(self, *a, **k):
         calls["n"] += 1
-        loss, align = forward(self, *a, **k)
-        return (loss * float("nan") if calls["n"] == 3 else loss), align    # the 3rd micro-batch = step 3
+        loss, align, ground = forward(self, *a, **k)
+        return (loss * float("nan") if calls["n"] == 3 else loss), align, ground    # the 3rd micro-batch = step 3
 
     monkeypatch.setattr(train_sta.SFTLoss, "forward", poisoned)
     with pytest.raises(runlib.NonFiniteError, match=r"non-finite loss \(nan\) at step 3, batch at data position 8"):
@@ -178,7 +178,8 @@ def tiny_lalm(corpus, tmp_path_factory):
     import tokenizer as tokenizer_lib
     examples = train_sta.load_examples(corpus, 0.2, 0.25, seed=0)
     texts = [data.prompt_text(e) + " " + data.target_text(e) for e in examples]
-    tok = tokenizer_lib.train_sentencepiece(texts * 3, str(tmp_path_factory.mktemp("tok")), vocab_size=400)
+    tok = tokenizer_lib.train_sentencepiece(texts * 3, str(tmp_path_factory.mktemp("tok")), vocab_size=700,
+                                            text_pieces=tokenizer_lib.TIME_PIECES)
     cfg = runlib.parse_config(train_sta.Config, TINY)
     torch.manual_seed(0)
     return model_lib.build_lalm(train_sta.tiny_config(cfg, tok)), tok, examples
@@ -186,21 +187,29 @@ def tiny_lalm(corpus, tmp_path_factory):
 
 def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_lalm):
     """collate_packed (one row per clip, examples as branches behind one copy of the audio) is an exact
-    rewrite of collate_sft: same summed loss, same alignment loss, same gradients (fp32, 1e-5 relative)."""
+    rewrite of collate_sft: same summed loss, same alignment loss, same grounding loss, same gradients (fp32,
+    1e-5 relative)."""
     import data
+    import tokenizer as tokenizer_lib
     model, tok, examples = tiny_lalm
     units = train_sta.training_units(examples, pack=True)
     assert sorted(i for u in units for i in u) == list(range(len(examples)))
     assert all(len({examples[i]["audio"] for i in u}) == 1 for u in units) and max(map(len, units)) > 3
     groups = [[examples[i] for i in u] for u in units[:3]]
     words_of = train_sta.word_times(corpus, tok)
-    step = train_sta.SFTLoss(model)
+    step = train_sta.SFTLoss(model, ground_head=1)
+    time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
 
-    def run(batch, firsts):
+    def run(batch, firsts, groups):
         labels = train_sta.align_labels(firsts, batch["input_ids"], model.audio_token_id, words_of)
-        loss, align = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
-                           batch["feature_attention_mask"], labels, batch.get("position_ids"))
-        return loss.item(), align.item()
+        skips = data.Skips("ground")
+        ground = train_sta.ground_targets(groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id,
+                                          time_ids, 0.12, skips)
+        assert len(skips) == 0 and len(ground) > 10
+        loss, align, ground_loss = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                        batch["input_features"], batch["feature_attention_mask"], labels,
+                                        batch.get("position_ids"), ground)
+        return loss.item(), align.item(), ground_loss.item(), len(ground)
 
     packed = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
     flat = [ex for g in groups for ex in g]
@@ -208,11 +217,12 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
     assert packed["input_ids"].shape[0] == 3 and separate["input_ids"].shape[0] == len(flat)
     assert packed["loss_mask"].sum() == separate["loss_mask"].sum()
     assert packed["token_mask"].sum() < 0.7 * separate["attention_mask"].sum()      # the audio once per clip
-    loss_p, align_p = run(packed, [g[0] for g in groups])
-    loss_s, align_s = run(separate, flat)
+    loss_p, align_p, ground_p, n_p = run(packed, [g[0] for g in groups], groups)
+    loss_s, align_s, ground_s, n_s = run(separate, flat, [[ex] for ex in flat])
     assert loss_p == pytest.approx(loss_s, rel=1e-5)
+    assert n_p == n_s and ground_p == pytest.approx(ground_s, rel=1e-5)     # every time, packed or not
     # alignment: each clip's frames count once packed, once per example in separate rows
-    per_clip = [run(data.collate_packed([g], tok, "qwen2_audio", 80, False), [g[0]])[1] for g in groups]
+    per_clip = [run(data.collate_packed([g], tok, "qwen2_audio", 80, False), [g[0]], [g])[1] for g in groups]
     assert align_p == pytest.approx(sum(per_clip), rel=1e-5)
     assert align_s == pytest.approx(sum(len(g) * a for g, a in zip(groups, per_clip)), rel=1e-5)
     for gp, gs in zip(answer_grads(step, packed), answer_grads(step, separate)):  # fp32 sums in another order
@@ -221,8 +231,8 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
 
 def answer_grads(step, batch):
     step.model.zero_grad()
-    loss, _ = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
-                   batch["feature_attention_mask"], None, batch.get("position_ids"))
+    loss, _, _ = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+                      batch["feature_attention_mask"], None, batch.get("position_ids"))
     loss.backward()
     return [p.grad.clone() for p in step.model.parameters()]
 
@@ -236,3 +246,96 @@ def test_align_labels_mark_the_word_under_each_audio_token():
     # centres 0.02 0.06 0.10 0.14 0.18 0.22 0.26 0.30
     assert labels.tolist() == [-100, 7, 7, 9, 9, 9, 9, -100]
     assert train_sta.align_labels([{"audio": "/other.wav"}], ids, 5, words).tolist() == [-100] * 8
+
+
+def test_ground_targets_point_each_time_at_its_audio(tiny_lalm):
+    """The position before each time piece should attend to the audio tokens whose centres lie in [t, t + 0.12)
+    for a start and [t - 0.12, t) for an end; a transcript's times are all starts; a row whose time pieces do
+    not match its answers' times is skipped and counted."""
+    import data
+    import tokenizer as tokenizer_lib
+    model, tok, _ = tiny_lalm
+    audio_id = model.audio_token_id
+    time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
+    sta = {"audio": "a.wav", "question": "q",
+           "answer": "The segment x starts at 0.20 seconds and ends at 0.36 seconds."}
+    words = {"audio": "a.wav", "question": train_sta.TRANSCRIBE_QUESTION, "answer": "i 0.08 see 0.50"}
+    rows, masks = [], []
+    for ex in (sta, words, sta):
+        answer = tok.encode(ex["answer"])
+        rows.append([1] + [audio_id] * 20 + answer)               # audio tokens at positions 1..20 (0.8 s)
+        masks.append([False] * 21 + [True] * len(answer))
+    rows[2] = rows[2][:-3] + [tok.token_to_id("9.9")] + rows[2][-2:]   # an extra time piece: does not match
+    n = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+    mask = torch.tensor([m + [False] * (n - len(m)) for m in masks])
+    skips = data.Skips("ground")
+    got = train_sta.ground_targets([[sta], [words], [sta]], ids, mask, audio_id, time_ids, 0.12, skips)
+    pieces = [[i for i in range(n) if mask[b, i] and int(ids[b, i]) in time_ids.tolist()] for b in range(2)]
+    assert [tok.decode([int(ids[0, i])]) for i in pieces[0]] == ["0.2", "0.3"]
+    # centres (k + 0.5) * 0.04 of audio token k (position k + 1): start 0.20 -> k 5..7, end 0.36 -> k 6..8;
+    # onsets 0.08 -> k 2..4, 0.50 -> k 12..14
+    assert got.tolist() == [[0, pieces[0][0] - 1, 6, 9], [0, pieces[0][1] - 1, 7, 10],
+                            [1, pieces[1][0] - 1, 3, 6], [1, pieces[1][1] - 1, 13, 16]]
+    assert skips.counts == {"time pieces != answer times": 1} and skips.total == 3
+
+
+def test_ground_loss_is_minus_log_attention_mass_on_the_target_audio(corpus, tiny_lalm):
+    """SFTLoss's grounding loss (one head's q and k computed again in a hook) equals -log of the mass that the
+    model's explicit attention path (output_attentions) puts on each target's keys, summed; and its gradient
+    reaches the encoder through the audio tokens."""
+    import data
+    import tokenizer as tokenizer_lib
+    model, tok, examples = tiny_lalm
+    units = train_sta.training_units(examples, pack=True)
+    groups = [[examples[i] for i in u] for u in units[:2]]
+    batch = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
+    time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
+    ground = train_sta.ground_targets(groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id,
+                                      time_ids, 0.12, data.Skips("ground"))
+    head = 1
+    step = train_sta.SFTLoss(model, ground_head=head)
+    model.zero_grad()
+    _, _, loss = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+                      batch["feature_attention_mask"], None, batch["position_ids"], ground)
+    loss.backward()
+    assert model.audio_tower.conv1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        _, attentions = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], input_features=batch["input_features"],
+                              feature_attention_mask=batch["feature_attention_mask"], output_attentions=True)
+    probs = attentions[-1][:, head]                                   # (B, T, T), the last layer
+    expected = -sum(torch.log(probs[b, q, lo:hi].sum()) for b, q, lo, hi in ground.tolist())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # without targets the loss is zero and the hook does nothing
+    _, _, none = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+                      batch["feature_attention_mask"], None, batch["position_ids"])
+    assert none.item() == 0.0
+
+
+def test_audio_time_embedding_adds_each_audio_tokens_time_piece(tiny_lalm, tmp_path):
+    """model.LALM.audio_time_rows: audio token k of each run of placeholders gets scale x the input embedding of
+    the piece of its centre (k + 0.5) * 0.04 s; text tokens get nothing; the config key survives a save/load."""
+    import model as model_lib
+    import tokenizer as tokenizer_lib
+    model, tok, _ = tiny_lalm
+    assert model.time_embedding["scale"] == 10.0                      # the tiny default's
+    a = model.audio_token_id
+    t = tok.token_to_id("1.5")                                         # any text token
+    ids = torch.tensor([[t] + [a] * 9 + [t, t] + [a] * 3])           # two clips: 9 and 3 audio tokens
+    audio = torch.randn(12, model.language_model.c["dim"])
+    with torch.no_grad():
+        got = model.embed(ids, audio_embeds=audio)
+        model.time_embedding = None
+        plain = model.embed(ids, audio_embeds=audio)
+        model.time_embedding = model.config["audio_time_embedding"]
+    # centres 0.02, 0.06, 0.10, ... s; the second clip starts again at 0
+    pieces = ["0.0", "0.0", "0.1", "0.1", "0.1", "0.2", "0.2", "0.3", "0.3", "0.0", "0.0", "0.1"]
+    E = model.language_model.embed_tokens.weight
+    added = torch.stack([10.0 * E[tok.token_to_id(p)] for p in pieces])
+    slots = ids[0] == a
+    assert torch.allclose(got[0, slots] - plain[0, slots], added, atol=1e-6)
+    assert torch.equal(got[0, ~slots], plain[0, ~slots])
+    assert tokenizer_lib.TIME_PIECES[3] == "0.3"
+    model_lib.save_pretrained(model, str(tmp_path / "m"))
+    assert model_lib.from_pretrained(str(tmp_path / "m")).time_embedding == model.time_embedding

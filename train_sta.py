@@ -15,7 +15,7 @@ Built-in tiny default (CPU, no download):
   5,100 tokens/s; 61-97 examples/s, 3,900-6,100 tokens/s, 5th-95th percentile of the steps); held-out mean IoU
   0.60 (800 pairs, seed 1; 58 % >= 0.7, 69 % >= 0.5, SED-F1 0.66), 0.60 with --seed=2 (SED-F1 0.63). Without the session-10 aids (e) and (f) below, session 6's
   recipe: 13.1-13.6 min, 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
-  Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (two runs); each alone does not help:
+  Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (three runs); each alone does not help:
   (e) alone (scale 10) 0.48 (800 pairs; 64-pair evaluations 0.32 / 0.38 / 0.39 / 0.48 after 325 / 650 / 975 /
   1300 steps, the old recipe 0.24 / 0.39 / 0.43 / 0.46, both together 0.33 / 0.45 / 0.45 / 0.55 and 0.29 / 0.35 /
   0.52 / 0.60 in two runs), (f) alone (weight 1) 0.29 / 0.31 after 325 / 650, (f) with (e) at scale 1 (the

@@ -13,7 +13,8 @@ Built-in tiny default (CPU, no download):
   scores it on the held-out pairs. Measured (2026-11-23 session 10, 2 CPU cores, 2 threads): 1300 steps x 8 clips
   (~53 examples) in 16.9 min in a slow phase of the host, and with --seed=2 in 14.8 min (median 80 examples/s and
   5,100 tokens/s; 61-97 examples/s, 3,900-6,100 tokens/s, 5th-95th percentile of the steps); held-out mean IoU
-  0.60 (800 pairs, seed 1; 58 % >= 0.7, 69 % >= 0.5, SED-F1 0.66), 0.60 with --seed=2 (SED-F1 0.63). Without the session-10 aids (e) and (f) below, session 6's
+  0.60 (800 pairs, seed 1; 58 % >= 0.7, 69 % >= 0.5, SED-F1 0.66), 0.60 with --seed=2 (SED-F1 0.63). A third
+  run, --ground_weight=1.0 (same work per step), took 13.1 min and scored 0.58: the weight stays 0.5. Without the session-10 aids (e) and (f) below, session 6's
   recipe: 13.1-13.6 min, 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
   Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (three runs); each alone does not help:
   (e) alone (scale 10) 0.48 (800 pairs; 64-pair evaluations 0.32 / 0.38 / 0.39 / 0.48 after 325 / 650 / 975 /

@@ -439,14 +439,15 @@ class LALM(nn.Module):
             raise ValueError(f"input_ids hold {n_slots} audio placeholders (id {self.audio_token_id}) but the "
                              f"audio gives {n_rows} rows: expand each placeholder to num_audio_tokens copies")
         if n_rows:
-            h = h.masked_scatter(slots[..., None], audio_embeds.to(h.dtype))
+            audio = audio_embeds.to(h.dtype)
             if self.time_embedding is not None:
-                h = h + self.audio_time_rows(slots, h.dtype)
+                audio = audio + self.audio_time_rows(slots).to(h.dtype)
+            h = h.masked_scatter(slots[..., None], audio)
         return h
 
-    def audio_time_rows(self, slots: torch.Tensor, dtype) -> torch.Tensor:
-        """(B, T, D): for each audio placeholder, scale x the input embedding of the time token naming the time
-        its audio token covers, zero elsewhere. Config audio_time_embedding {first_token_id, num_tokens,
+    def audio_time_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """(N_audio, D), placeholder order: for each audio placeholder, scale x the input embedding of the time
+        token naming the time its audio token covers. Config audio_time_embedding {first_token_id, num_tokens,
         seconds_per_token, scale}: time tokens first_token_id + i name i * seconds_per_token (the tiny default's
         "0.0" .. "29.9" pieces, tokenizer.TIME_PIECES). Audio token k of a run of placeholders (one clip) covers
         [k, k + 1) x 0.04 s and gets the piece of its centre: "0.0" for k = 0, 1, "0.1" for k = 2 .. 4, ...
@@ -457,13 +458,10 @@ class LALM(nn.Module):
         c = self.time_embedding
         count = slots.long().cumsum(-1)                                                  # (B, T)
         before_run = torch.where(slots, 0, count).cummax(-1).values                    # count at the run's start
-        k = (count - before_run - 1).clamp(min=0)                                      # index within the run
+        k = (count - before_run - 1)[slots]                                            # index within the run
         # + 1e-6: a centre exactly on a piece boundary (0.30 s) belongs to the later piece despite float rounding
         piece = ((k + 0.5) * (SECONDS_PER_AUDIO_TOKEN / c["seconds_per_token"]) + 1e-6).long()
-        ids = c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1)
-        ids = torch.where(slots, ids, c["first_token_id"])
-        rows = self.language_model.embed_ids(ids).to(dtype) * c["scale"]
-        return rows * slots[..., None].to(dtype)
+        return self.language_model.embed_ids(c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1)) * c["scale"]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, input_features=None,
                 feature_attention_mask=None, audio_embeds=None, return_hidden=False, output_attentions=False,

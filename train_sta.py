@@ -476,14 +476,24 @@ def tiny_config(cfg, tok):
     }
 
 
-def time_embedding(tok, scale):
-    """The tiny model's config audio_time_embedding (model.LALM.audio_time_rows): the tokenizer's time pieces
-    "0.0" .. "29.9" must be consecutive ids."""
+def time_piece_ids(tok, option):
+    """Token ids of the time pieces "0.0" .. "29.9" (tokenizer.TIME_PIECES), which `option` needs."""
     import tokenizer as tokenizer_lib
     ids = [tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES]
-    if None in ids or ids != list(range(ids[0], ids[0] + len(ids))):
-        raise ValueError("audio_time_embedding needs the time pieces as consecutive tokens (time_pieces=true); "
-                         "set --audio_time_embedding=0")
+    if None in ids:
+        raise ValueError(f"{option} > 0 needs a tokenizer holding the time pieces {tokenizer_lib.TIME_PIECES[0]!r} "
+                         f".. {tokenizer_lib.TIME_PIECES[-1]!r} as tokens (the tiny default's, time_pieces=true): "
+                         f"set --{option}=0")
+    return ids
+
+
+def time_embedding(tok, scale):
+    """The tiny model's config audio_time_embedding (model.LALM.audio_time_rows): the tokenizer's time pieces
+    must be consecutive ids."""
+    ids = time_piece_ids(tok, "audio_time_embedding")
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError("audio_time_embedding needs the time pieces as consecutive token ids: set "
+                         "--audio_time_embedding=0")
     return {"first_token_id": ids[0], "num_tokens": len(ids), "seconds_per_token": 0.1, "scale": scale}
 
 
@@ -527,11 +537,9 @@ class SFTLoss(nn.Module):
         k = k * cos[:, 0] + rotate_half(k) * sin[:, 0]
         B, T = k.shape[:2]
         scores = (q @ k.reshape(B * T, d).t()).view(-1, B, T)[torch.arange(len(rows)), rows].float() * d ** -0.5
-        if mask is not None:                                                             # (B, 1, T, T) bool
-            scores = scores.masked_fill(~mask[rows, 0, query], float("-inf"))
-        else:                                                                            # plain causal
-            scores = scores.masked_fill(torch.arange(T, device=k.device) > query[:, None], float("-inf"))
         keys = torch.arange(T, device=k.device)
+        visible = mask[rows, 0, query] if mask is not None else keys <= query[:, None]  # (B, 1, T, T) or causal
+        scores = scores.masked_fill(~visible, float("-inf"))
         on_target = (keys >= first[:, None]) & (keys < stop[:, None])
         log_p = scores.log_softmax(-1)
         self._ground_loss = -log_p.masked_fill(~on_target, float("-inf")).logsumexp(-1).sum()
@@ -670,14 +678,7 @@ def main(argv=None):
         enable_activation_checkpointing(model)
     use_bf16 = cfg.dtype == "bfloat16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and dist.device.type == "cuda" else nullcontext()
-    ground_ids = None
-    if cfg.ground_weight > 0:
-        ground_ids = [tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES]
-        if None in ground_ids:
-            raise ValueError(f"ground_weight > 0 needs a tokenizer holding the time pieces "
-                             f"{tokenizer_lib.TIME_PIECES[0]!r} .. {tokenizer_lib.TIME_PIECES[-1]!r} as tokens (the "
-                             f"tiny default's, time_pieces=true); {tok_path} does not: set --ground_weight=0")
-        ground_ids = torch.tensor(ground_ids)
+    ground_ids = torch.tensor(time_piece_ids(tok, "ground_weight")) if cfg.ground_weight > 0 else None
     ground_skips = data.Skips("ground targets")
     step_module = runlib.wrap_model(SFTLoss(model, cfg.ground_head if cfg.ground_weight > 0 else None), dist,
                                     cfg.strategy,

@@ -326,6 +326,8 @@ def read_word_file(path, skips: Skips) -> list:
 
 STA_QUESTION = "What is the timestamp of the following segment? {phrase}"
 STA_ANSWER = "The segment {phrase} starts at {start:.2f} seconds and ends at {end:.2f} seconds."
+REASONING_CITE = 'From {start:.2f}s to {end:.2f}s, {who} "{words}".'     # who: "the speaker says", ...
+FINAL_ANSWER = "Final answer: {answer}"
 
 
 def sta_pair(words: list, i: int, j: int, audio=None) -> dict:
@@ -794,9 +796,10 @@ def synth_clip(index: int, seed: int, out_dir: str, sta_per_clip: int = 4, noise
     order = list(range(len(choices)))
     rng.shuffle(order)
     choices = [choices[i] for i in order]
-    reasoning = " ".join(f'From {round(c[0].start, 2):.2f}s to {round(c[-1].end, 2):.2f}s, {who} '
-                         f'"{" ".join(w.word for w in c)}".' for c in citation_chunks(ws, seed, index)) + \
-        (f" {why}" if why else "") + f"\nFinal answer: {ans}"
+    reasoning = " ".join(REASONING_CITE.format(start=round(c[0].start, 2), end=round(c[-1].end, 2), who=who,
+                                               words=" ".join(w.word for w in c))
+                         for c in citation_chunks(ws, seed, index)) + (f" {why}" if why else "") + \
+        "\n" + FINAL_ANSWER.format(answer=ans)
     all_words = [w for tw in words_t for w in tw]
     qa = qa_record(f"synth-{seed}-{index:06d}", rel, q, choices, ans, duration=duration,
                    evidence=[[s, e]], segments=segments, reasoning=reasoning,

@@ -10,12 +10,13 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11-23 session 10, 2 CPU cores, 2 threads): 1300 steps x 8 clips
-  (~53 examples) in 16.9 min in a slow phase of the host, and with --seed=2 in 14.8 min (median 80 examples/s and
-  5,100 tokens/s; 61-97 examples/s, 3,900-6,100 tokens/s, 5th-95th percentile of the steps); held-out mean IoU
-  0.60 (800 pairs, seed 1; 58 % >= 0.7, 69 % >= 0.5, SED-F1 0.66), 0.60 with --seed=2 (SED-F1 0.63). A third
-  run, --ground_weight=1.0 (same work per step), took 13.1 min and scored 0.58: the weight stays 0.5. Without the session-10 aids (e) and (f) below, session 6's
-  recipe: 13.1-13.6 min, 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
+  scores it on the held-out pairs. Measured (2026-11-23 session 11, 2 CPU cores, 2 threads): 1300 steps x 8 clips
+  (~53 examples) in 14.0-14.2 min (four runs of this recipe and its variants, median 0.62-0.63 s a step, ~85
+  examples/s, ~5,400 tokens/s) and 15.8 min in a slow phase of the host (0.70 s a step, the pipeline's run);
+  held-out mean IoU 0.67 (800 pairs, seed 1: 0.6727 in the pipeline's run, 0.6705 in the prototype's; 65 % >= 0.7,
+  78 % >= 0.5, SED-F1 0.74). Session 10's recipe, without (g) below: 0.60 (0.58-0.61 in three runs, SED-F1
+  0.63-0.66); session 6's, without (e), (f), (g): 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47
+  with --seed=2.
   Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (three runs); each alone does not help:
   (e) alone (scale 10) 0.48 (800 pairs; 64-pair evaluations 0.32 / 0.38 / 0.39 / 0.48 after 325 / 650 / 975 /
   1300 steps, the old recipe 0.24 / 0.39 / 0.43 / 0.46, both together 0.33 / 0.45 / 0.45 / 0.55 and 0.29 / 0.35 /
@@ -27,6 +28,21 @@ Built-in tiny default (CPU, no download):
   are more than 0.7 s off (24 % before), mostly on another word of the same kind ("sits" -> the clip's other
   verb "sleeps", "gold" -> "orange"); IoU by phrase length 0.42 / 0.56 / 0.64 / 0.74 for 1-4 words (0.26 / 0.43
   / 0.53 / 0.64 before) and by start second 0.73 / 0.61 / 0.37 / 0.26 for starts in [0,1) .. [3,4) s.
+  Session 11: the audio rows of that model name their word through the LM head for 94 % of the held-out words
+  (70 % of the frames), so the wrong starts were not misheard words: the head matched the phrase's place in
+  the sentence, not its words. (g) takes the held-out IoU from 0.60 to 0.67 (0.6705 in the prototype's run,
+  whose targets are the same as (g)'s on 400 checked clips; 64-pair evaluations 0.30 / 0.39 / 0.55 / 0.61; SED-F1
+  0.71, 64.5 % >= 0.7, 78.8 % >= 0.5): starts more than 0.7 s off 13 % (21 %), median start error 0.06 s, IoU by
+  phrase length 0.54 / 0.64 / 0.71 / 0.77, by start second 0.78 / 0.69 / 0.52 / 0.23. Variants, 800 pairs each:
+  (g) in decoder layer 1 of 3 instead of the last 0.59; every word outside the templates, function words
+  included, 0.61 at weight 1.0, and 0.65 at 0.5 with the answer's copy of the phrase also pointed at the
+  occurrence it names (a repeated "the" included); that plus a training-only head predicting each audio
+  token's next word from the encoder (so a "the" could carry "yellow" after it) 0.67. What is left: phrases
+  whose first word is spoken twice in the clip (155 of 800: "the yellow horse", "has a purple table") score
+  0.39-0.48 in every run of this session (0.45 in session 10), 37-43 % of their starts more than 0.5 s off,
+  mostly on the other occurrence, against 0.72-0.73 for the rest with (g) (0.64 before). The decoder reads the
+  audio causally, so the audio token of the right "the" cannot see the "yellow" after it, and neither naming
+  the occurrence nor the encoder's next-word context taught the head to pick it in this budget.
   The corpus's word times are exact to ~10 ms: espeak's WORD events fall 8-15 ms before the acoustic onset
   of words spoken after a 300 ms pause (checked on two voices). The old recipe also underfits: on 800 of its
   training pairs it scores 0.54 (held-out 0.48).
@@ -141,12 +157,22 @@ Deviations from the paper:
     loss being -log of that mass (weight 0.5, per time). (f) leaves the checkpoint as it is; (e) is one more key
     in config.json, which our model.py (so eval.py, train_grpo.py) honours and transformers' Qwen2-Audio would
     ignore. A released LALM would need neither in principle; the paper's Stage 1 has no such losses.
+  * One that teaches which audio a word of the text is (session 11), off in the paper configs: (g)
+    `mention_weight`: a mention grounding loss, every mention in a row's text (question or answer) of a content
+    word spoken once in the clip trains the same head, from the mention's last token, to attend to that word's
+    audio (mention_targets: "gold" in the question and in the answer's copy of the phrase, a transcript's words,
+    a reasoning's quoted words; function and template words and words spoken twice are left out), the loss
+    being -log of that mass (weight 0.5, per mention; ~190 mentions per batch of 8 clips, about as many as
+    times). With (f) alone the head learned where the answer's phrase sits in the sentence more than which
+    word it is ("sits" -> the clip's other verb); (g) asks for the word itself, at every mention. It leaves the
+    checkpoint as it is.
   * Not in the paper (it gives only the lr, batch and accumulation): linear warmup + cosine decay to min_lr,
     AdamW betas and weight decay, gradient clipping at 1.0, one epoch (~1047 steps of 256) for the 7B runs.
     Loss = mean cross-entropy over all answer tokens of the global batch (not a mean of per-example means).
   * Released checkpoints are trained in fp32 master weights with bf16 autocast / FSDP2 bf16 compute and saved
     in fp32 (the release is bf16), so that resuming is exact.
 """
+import collections
 import json
 import math
 import os
@@ -192,6 +218,10 @@ class Config:
                                             # the time pieces; see ground_targets)
     ground_head: int = 0                    # the head of the last decoder layer that this loss supervises
     ground_seconds: float = 0.12            # ... to attend to [start, start + this) for a start, [end - this, end)
+    mention_weight: float = 0.5             # tiny default: weight of the mention grounding loss (0: off; needs
+                                            # words.jsonl word times; see mention_targets)
+    mention_layer: int = -1                 # the decoder layer whose head ground_head this loss supervises (-1:
+                                            # the last, with the times; layer 1 of 3 measured 0.59, the last 0.67)
     audio_time_embedding: float = 10.0      # tiny model built from scratch: each audio token also gets this times
                                             # the embedding of its time piece (model.LALM.audio_time_rows; 0: not)
     timestamps: bool = True                 # False: the "reasoning SFT without timestamps" ablation (no STA
@@ -331,17 +361,23 @@ def without_timestamps(examples):
 
 
 def word_times(data_dir, tok):
-    """{absolute audio path: [(first token id of the word, start, end), ...]} from the corpus's words.jsonl
-    (data.read_words_jsonl; malformed lines are counted and reported), tokenised once for align_labels."""
+    """{absolute audio path: [(token ids of the word, start, end, word), ...]} from the corpus's words.jsonl
+    (data.read_words_jsonl; malformed lines are counted and reported), tokenised once for align_labels and
+    mention_targets."""
     import data
     path = os.path.join(data_dir, "words.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"align_weight > 0 needs word times in {path} (or set --align_weight=0)")
+        raise FileNotFoundError(f"align_weight or mention_weight > 0 needs word times in {path} (or set both to 0)")
     skips = data.Skips(path)
-    out = {os.path.abspath(audio): [(tok.encode(" " + w.word)[0], w.start, w.end) for w in words]
+    out = {os.path.abspath(audio): [(tuple(tok.encode(" " + w.word)), w.start, w.end, w.word) for w in words]
            for audio, words in data.read_words_jsonl(path, skips)}
     skips.report()
     return out
+
+
+def audio_index(t):
+    """The first audio token whose centre (k + 0.5) x 0.04 s is at or after t seconds."""
+    return math.ceil(round(t * AUDIO_TOKENS_PER_SECOND - 0.5, 6))
 
 
 def align_labels(examples, input_ids, audio_token_id, words_of):
@@ -353,10 +389,9 @@ def align_labels(examples, input_ids, audio_token_id, words_of):
     labels = []
     for ex, n in zip(examples, (input_ids == audio_token_id).sum(-1).tolist()):
         row = [-100] * n
-        for first, start, end in words_of.get(os.path.abspath(ex["audio"]), []):
-            first_k, stop_k = (math.ceil(round(t * AUDIO_TOKENS_PER_SECOND - 0.5, 6)) for t in (start, end))
-            for k in range(max(0, first_k), min(n, stop_k)):
-                row[k] = first                                        # centre (k + 0.5) * 0.04 in [start, end)
+        for ids, start, end, _ in words_of.get(os.path.abspath(ex["audio"]), []):
+            for k in range(max(0, audio_index(start)), min(n, audio_index(end))):
+                row[k] = ids[0]                                       # centre (k + 0.5) * 0.04 in [start, end)
         labels += row
     return torch.tensor(labels, dtype=torch.long)
 
@@ -391,11 +426,61 @@ def ground_targets(groups, input_ids, loss_mask, audio_token_id, time_token_ids,
         n = len(audio_pos)
         for i, (t, is_start) in zip(piece_pos, times):
             a, z = (t, t + seconds) if is_start else (t - seconds, t)
-            first = max(0, math.ceil(round(a * AUDIO_TOKENS_PER_SECOND - 0.5, 6)))    # centres in [a, z)
-            stop = min(n, max(first + 1, math.ceil(round(z * AUDIO_TOKENS_PER_SECOND - 0.5, 6))))
+            first = max(0, audio_index(a))                            # centres in [a, z)
+            stop = min(n, max(first + 1, audio_index(z)))
             if first < n:
                 out.append((b, i - 1, audio_pos[first], audio_pos[stop - 1] + 1))
     return torch.tensor(out, dtype=torch.long).reshape(-1, 4)
+
+
+ENGLISH_FUNCTION_WORDS = ("a an the and or but of to in on at by for with from as than then so if not no is are was "
+                          "were be been am do does did has have had i you he she it we they me him her us them my "
+                          "your his its our their this that these those there here").split()
+
+
+def stop_words():
+    """Words whose mentions mention_targets leaves out: the words of the fixed question and answer templates
+    (the STA pair's, the transcript's, the grounded reasoning's: "and" in "seconds and ends at" is no mention of
+    a spoken "and") and function words, the corpus's (data.FUNCTION_WORDS) and English ones (a "the" or "has" in
+    a question rarely points at one spoken word; measured: grounding every mention outside the templates 0.61-0.65
+    held-out IoU, content words only 0.67)."""
+    import data
+    templates = (data.STA_QUESTION, data.STA_ANSWER, TRANSCRIBE_QUESTION, data.REASONING_CITE, "the speaker says",
+                 data.FINAL_ANSWER)
+    words = re.findall(r"[a-z]+", re.sub(r"\{[^}]*\}", " ", " ".join(templates)).lower())
+    return frozenset(words + data.FUNCTION_WORDS + ENGLISH_FUNCTION_WORDS)
+
+
+def mention_targets(groups, input_ids, audio_token_id, words_of, tok, stop=frozenset()):
+    """Targets of the mention grounding loss, rows like ground_targets' (batch row, query position, first audio
+    key position, stop key position): every mention in a row's text (question or answer) of a word spoken once
+    in the clip should attend, from the mention's last token, to the audio tokens whose centres lie in that
+    word's [start, end). A word spoken twice is ambiguous and left out, as are the words of `stop`
+    (stop_words) and a match that goes on into a longer word ("red" in "reddish"). words_of: word_times."""
+    out = []
+    for b, group in enumerate(groups):
+        ids = input_ids[b].tolist()
+        audio_pos = [i for i, t in enumerate(ids) if t == audio_token_id]
+        words = words_of.get(os.path.abspath(group[0]["audio"]), []) if audio_pos else []
+        at = collections.defaultdict(list)                            # token id -> its positions in the text
+        for i in range(audio_pos[-1] + 1 if audio_pos else len(ids), len(ids)):
+            at[ids[i]].append(i)
+        spoken = collections.Counter(w[0] for w in words)
+        n = len(audio_pos)
+        for seq, start, end, word in words:
+            first = max(0, audio_index(start))
+            if spoken[seq] > 1 or word.lower() in stop or first >= n:
+                continue
+            stop_k = min(n, max(first + 1, audio_index(end)))
+            for i in at[seq[0]]:
+                last = i + len(seq) - 1
+                if tuple(ids[i:last + 1]) != seq:
+                    continue
+                after = tok.decode(ids[last:last + 2])[len(tok.decode(ids[last:last + 1])):]
+                if after[:1].isalpha():
+                    continue                                          # the word goes on ("red" + "dish")
+                out.append((b, last, audio_pos[first], audio_pos[stop_k - 1] + 1))
+    return torch.tensor(sorted(out), dtype=torch.long).reshape(-1, 4)
 
 
 def cache_audio(examples, audio_cache):
@@ -500,32 +585,36 @@ def time_embedding(tok, scale):
 class SFTLoss(nn.Module):
     """Summed next-token cross-entropy over answer tokens, computed on the selected positions only; with
     align_labels the summed frame-word alignment cross-entropy of the audio rows (else 0); with ground targets
-    (ground_targets) the summed grounding attention loss (else 0).
+    (ground_targets) and mention targets (mention_targets) the summed grounding attention losses (else 0).
 
     Logits are formed for the answer positions alone (N x V instead of B x T x V: a 152k vocab at 1k
     tokens would otherwise dominate memory). Living inside one module lets DDP/FSDP2 wrap the whole step.
     """
 
-    def __init__(self, model, ground_head=None):
+    def __init__(self, model, ground_head=None, ground_layer=-1, mention_layer=None):
         super().__init__()
         self.model = model
-        self.ground_head, self._ground, self._ground_loss = ground_head, None, None
-        if ground_head is not None:
-            attn = model.language_model.layers[-1].self_attn
-            if not 0 <= ground_head < attn.heads:
-                raise ValueError(f"ground_head {ground_head} not in [0, {attn.heads})")
-            attn.register_forward_hook(self._ground_hook)
+        self.ground_head, self._targets, self._losses = ground_head, {}, {}
+        layers = model.language_model.layers
+        if ground_head is not None and not 0 <= ground_head < layers[0].self_attn.heads:
+            raise ValueError(f"ground_head {ground_head} not in [0, {layers[0].self_attn.heads})")
+        for kind, layer in (("ground", ground_layer), ("mention", mention_layer)):
+            if ground_head is not None and layer is not None:
+                if not -len(layers) <= layer < len(layers):
+                    raise ValueError(f"{kind} layer {layer} not in [-{len(layers)}, {len(layers)})")
+                layers[layer].self_attn.register_forward_hook(partial(self._ground_hook, kind=kind))
 
-    def _ground_hook(self, attn, args, output):
-        """Inside the last layer's forward (its weights are gathered there under FSDP2): the summed -log of the
-        attention mass that head ground_head puts on each target's audio keys. Computes q and k of that one head
-        again from the layer's input (a 1/heads slice of two projections). The targets stay set until the next
-        forward, so an activation-checkpointing recompute in backward repeats the same ops (as it must); without
-        gradients (generation) nothing is computed."""
-        if self._ground is None or not torch.is_grad_enabled():
+    def _ground_hook(self, attn, args, output, kind):
+        """Inside a decoder layer's forward (its weights are gathered there under FSDP2): the summed -log of the
+        attention mass that head ground_head puts on each `kind` target's audio keys. Computes q and k of that
+        one head again from the layer's input (a 1/heads slice of two projections). The targets stay set until
+        the next forward, so an activation-checkpointing recompute in backward repeats the same ops (as it
+        must); without gradients (generation) nothing is computed."""
+        targets = self._targets.get(kind)
+        if targets is None or not torch.is_grad_enabled():
             return
         x, cos, sin, mask = args[:4]
-        rows, query, first, stop = self._ground.unbind(-1)
+        rows, query, first, stop = targets.unbind(-1)
         d, h = attn.head_dim, self.ground_head
         kv = h // (attn.heads // attn.kv_heads)
 
@@ -542,16 +631,16 @@ class SFTLoss(nn.Module):
         scores = scores.masked_fill(~visible, float("-inf"))
         on_target = (keys >= first[:, None]) & (keys < stop[:, None])
         log_p = scores.log_softmax(-1)
-        self._ground_loss = -log_p.masked_fill(~on_target, float("-inf")).logsumexp(-1).sum()
+        self._losses[kind] = -log_p.masked_fill(~on_target, float("-inf")).logsumexp(-1).sum()
 
     def forward(self, input_ids, attention_mask, loss_mask, input_features=None, feature_attention_mask=None,
-                align_labels=None, position_ids=None, ground=None):
+                align_labels=None, position_ids=None, ground=None, mentions=None):
         audio = None if input_features is None else self.model.encode_audio(input_features, feature_attention_mask)
-        self._ground = ground if ground is not None and len(ground) else None
-        self._ground_loss = None
+        self._targets = {kind: t for kind, t in (("ground", ground), ("mention", mentions)) if t is not None and len(t)}
+        self._losses = {}
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, audio_embeds=audio,
                             return_hidden=True)                       # (B, T, D)
-        ground_loss = self._ground_loss if self._ground_loss is not None else hidden.new_zeros(())
+        ground_loss, mention_loss = (self._losses.get(kind, hidden.new_zeros(())) for kind in ("ground", "mention"))
         select = loss_mask[:, 1:]                                     # token t is predicted at t-1
         h = hidden[:, :-1][select]                                    # (N, D)
         weight = self.model.lm_head_weight()
@@ -560,7 +649,7 @@ class SFTLoss(nn.Module):
         if align_labels is not None and audio is not None:
             keep = align_labels >= 0                                  # (N_audio,)
             align = F.cross_entropy((audio[keep] @ weight.t()).float(), align_labels[keep], reduction="sum")
-        return loss, align, ground_loss
+        return loss, align, ground_loss, mention_loss
 
 
 def freeze(model, cfg):
@@ -658,7 +747,8 @@ def main(argv=None):
         if dist.distributed:
             torch.distributed.barrier()
     tok = tokenizer_lib.load_tokenizer(tok_path)
-    words_of = word_times(cfg.data_dir, tok) if cfg.align_weight > 0 else None
+    words_of = word_times(cfg.data_dir, tok) if cfg.align_weight > 0 or cfg.mention_weight > 0 else None
+    mention_stop = stop_words()
     # the checkpoint carries its tokenizer, so model.from_pretrained + tokenizer.load_tokenizer load it alone
     tok_files = [tok_path] if os.path.isfile(tok_path) else \
         [os.path.join(tok_path, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(tok_path, f))]
@@ -680,7 +770,8 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and dist.device.type == "cuda" else nullcontext()
     ground_ids = torch.tensor(time_piece_ids(tok, "ground_weight")) if cfg.ground_weight > 0 else None
     ground_skips = data.Skips("ground targets")
-    step_module = runlib.wrap_model(SFTLoss(model, cfg.ground_head if cfg.ground_weight > 0 else None), dist,
+    step_module = runlib.wrap_model(SFTLoss(model, cfg.ground_head, -1 if cfg.ground_weight > 0 else None,
+                                            cfg.mention_layer if cfg.mention_weight > 0 else None), dist,
                                     cfg.strategy,
                                     param_dtype=torch.bfloat16 if use_bf16 and cfg.strategy == "fsdp" else None)
     params = [p for p in step_module.parameters() if p.requires_grad]
@@ -741,47 +832,55 @@ def main(argv=None):
             batches = [data.collate_sft([examples[units[u][0]] for u in mb], tok, cfg.family, n_mels,
                                         cfg.pad_to_30s, audio_cache=audio_cache) for mb in micro]
         for mb, b in zip(micro, batches):
-            if words_of is not None:
+            if cfg.align_weight > 0:
                 b["align_labels"] = align_labels([unit_info[u] for u in mb], b["input_ids"], model.audio_token_id,
                                                  words_of)
             if ground_ids is not None:
                 b["ground"] = ground_targets([[examples[i] for i in units[u]] for u in mb], b["input_ids"],
                                              b["loss_mask"], model.audio_token_id, ground_ids, cfg.ground_seconds,
                                              ground_skips)
-        # normalise by the answer tokens (aligned audio tokens, grounded times) of the whole global batch: 1 and N
-        # processes agree
+            if cfg.mention_weight > 0:
+                b["mentions"] = mention_targets([[examples[i] for i in units[u]] for u in mb], b["input_ids"],
+                                                model.audio_token_id, words_of, tok, mention_stop)
+        # normalise by the answer tokens (aligned audio tokens, grounded times, mentions) of the whole global
+        # batch: 1 and N processes agree
         counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
                                float(sum((b["align_labels"] >= 0).sum() for b in batches if "align_labels" in b)),
-                               float(sum(len(b["ground"]) for b in batches if "ground" in b))],
+                               float(sum(len(b["ground"]) for b in batches if "ground" in b)),
+                               float(sum(len(b["mentions"]) for b in batches if "mentions" in b))],
                               dtype=torch.float64, device=dist.device)
-        n_answer, n_aligned, n_ground = runlib.all_reduce_sum(counts, dist).tolist()
-        loss_sum, align_sum, ground_sum, n_tokens, bad_batch = 0.0, 0.0, 0.0, 0, None
+        n_answer, n_aligned, n_ground, n_mention = runlib.all_reduce_sum(counts, dist).tolist()
+        loss_sum, align_sum, ground_sum, mention_sum, n_tokens, bad_batch = 0.0, 0.0, 0.0, 0.0, 0, None
         for k, (mb, batch) in enumerate(zip(micro, batches)):
             batch = {key: v.to(dist.device) for key, v in batch.items() if torch.is_tensor(v)}
             runlib.set_grad_sync(step_module, k == len(batches) - 1)
             with autocast:
-                loss, align, ground = step_module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                                  batch.get("input_features"), batch.get("feature_attention_mask"),
-                                                  batch.get("align_labels"), batch.get("position_ids"),
-                                                  batch.get("ground"))
+                loss, align, ground, mention = step_module(
+                    batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("input_features"),
+                    batch.get("feature_attention_mask"), batch.get("align_labels"), batch.get("position_ids"),
+                    batch.get("ground"), batch.get("mentions"))
             # DDP/FSDP average gradients over ranks; scale so the result is the global-token mean
             total = loss / n_answer + (cfg.align_weight * align / n_aligned if n_aligned else 0.0) \
-                + (cfg.ground_weight * ground / n_ground if n_ground else 0.0)
+                + (cfg.ground_weight * ground / n_ground if n_ground else 0.0) \
+                + (cfg.mention_weight * mention / n_mention if n_mention else 0.0)
             (total * dist.world_size).backward()
             loss_sum += loss.item()
             align_sum += align.item()
             ground_sum += ground.item()
-            if not math.isfinite(loss.item() + align.item() + ground.item()) and bad_batch is None:
+            mention_sum += mention.item()
+            if not math.isfinite(loss.item() + align.item() + ground.item() + mention.item()) and bad_batch is None:
                 bad_batch = [examples[i].get("id", examples[i]["audio"]) for u in mb for i in units[u]]
             n_tokens += int(batch.get("token_mask", batch["attention_mask"]).sum())
         n_examples = sum(len(units[u]) for u in indices)
-        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), align_sum, ground_sum],
+        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), align_sum, ground_sum, mention_sum],
                                                    dtype=torch.float64, device=dist.device), dist)
         loss_value = stats[0].item() / n_answer
         align_value = stats[2].item() / n_aligned if n_aligned else 0.0
         ground_value = stats[3].item() / n_ground if n_ground else 0.0
-        runlib.check_finite(align_value, "alignment loss", step + 1, f"batch at data position {position}")
-        runlib.check_finite(ground_value, "grounding loss", step + 1, f"batch at data position {position}")
+        mention_value = stats[4].item() / n_mention if n_mention else 0.0
+        for value, what in ((align_value, "alignment loss"), (ground_value, "grounding loss"),
+                            (mention_value, "mention grounding loss")):
+            runlib.check_finite(value, what, step + 1, f"batch at data position {position}")
         runlib.check_finite(loss_value, "loss", step + 1,
                             f"batch at data position {position}" + (f", first bad micro-batch {bad_batch}" if bad_batch else ""))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -792,8 +891,9 @@ def main(argv=None):
         step += 1
         position += global_bs
         dt = time.time() - t0
-        extra = {**({"align": align_value} if words_of else {}),
-                 **({"ground": ground_value} if ground_ids is not None else {})}
+        extra = {**({"align": align_value} if cfg.align_weight > 0 else {}),
+                 **({"ground": ground_value} if ground_ids is not None else {}),
+                 **({"mention": mention_value} if cfg.mention_weight > 0 else {})}
         record = {"step": step, "loss": loss_value, **{f"{k}_loss": v for k, v in extra.items()},
                   "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": stats[1].item() / dt, "samples_per_s": n_examples / dt,

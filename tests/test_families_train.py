@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
     data.build_synth_corpus(str(root / "train"), seed=0, n=8, workers=1)
     data.build_synth_corpus(str(root / "heldout"), seed=1, n=4, workers=1)
     texts = [line for f in ("sta.jsonl", "qa.jsonl") for line in open(root / "train" / f)]
-    # with the time pieces, so Stage 1 runs the grounding loss (train_sta's default) on these families too
+    # with the time pieces, so Stage 1 runs the grounding losses (train_sta's default) on these families too
     tok = T.train_sentencepiece(texts, str(root / "tok"), vocab_size=700, text_pieces=T.TIME_PIECES,
                                 special_tokens=T.CHAT_SPECIAL_TOKENS + ("<sound>",) + VISION_TOKENS)
     return root, tok
@@ -79,7 +79,7 @@ def test_family_trains_through_both_stages(corpus, tmp_path, family, make):
         f"--eval_data_dir={root / 'heldout'}", f"--out_dir={tmp_path / 'sta'}", "--synth_n=0", "--max_steps=2",
         "--batch_size=2", "--warmup_steps=1", "--eval_every=2", "--eval_n=2", "--save_every=2", "--lr=1e-4",
         "--max_new_tokens=8", *common)
-    assert "step 2/2 | loss " in out and "| ground " in out
+    assert "step 2/2 | loss " in out and "| ground " in out and "| mention " in out
     sta = tmp_path / "sta" / "ckpt" / "latest"
     out = run("train_grpo.py", f"--init_from={sta}", f"--train_data={root / 'train' / 'qa.jsonl'}",
               f"--eval_data={root / 'heldout' / 'qa.jsonl'}", f"--out_dir={tmp_path / 'grpo'}", "--num_steps=1",

@@ -125,8 +125,8 @@ def test_nan_loss_stops_naming_step_and_batch(corpus, tmp_path, monkeypatch):
 
     def poisoned(self, *a, **k):
         calls["n"] += 1
-        loss, align, ground = forward(self, *a, **k)
-        return (loss * float("nan") if calls["n"] == 3 else loss), align, ground    # the 3rd micro-batch = step 3
+        loss, *rest = forward(self, *a, **k)
+        return (loss * float("nan") if calls["n"] == 3 else loss), *rest      # the 3rd micro-batch = step 3
 
     monkeypatch.setattr(train_sta.SFTLoss, "forward", poisoned)
     with pytest.raises(runlib.NonFiniteError, match=r"non-finite loss \(nan\) at step 3, batch at data position 8"):
@@ -187,8 +187,8 @@ def tiny_lalm(corpus, tmp_path_factory):
 
 def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_lalm):
     """collate_packed (one row per clip, examples as branches behind one copy of the audio) is an exact
-    rewrite of collate_sft: same summed loss, same alignment loss, same grounding loss, same gradients (fp32,
-    1e-5 relative)."""
+    rewrite of collate_sft: same summed loss, same alignment loss, same grounding losses (times and mentions),
+    same gradients (fp32, 1e-5 relative)."""
     import data
     import tokenizer as tokenizer_lib
     model, tok, examples = tiny_lalm
@@ -197,19 +197,23 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
     assert all(len({examples[i]["audio"] for i in u}) == 1 for u in units) and max(map(len, units)) > 3
     groups = [[examples[i] for i in u] for u in units[:3]]
     words_of = train_sta.word_times(corpus, tok)
-    step = train_sta.SFTLoss(model, ground_head=1)
+    step = train_sta.SFTLoss(model, ground_head=1, mention_layer=0)
     time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
+    stop = train_sta.stop_words()
 
     def run(batch, firsts, groups):
         labels = train_sta.align_labels(firsts, batch["input_ids"], model.audio_token_id, words_of)
         skips = data.Skips("ground")
         ground = train_sta.ground_targets(groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id,
                                           time_ids, 0.12, skips)
-        assert len(skips) == 0 and len(ground) > 10
-        loss, align, ground_loss = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                        batch["input_features"], batch["feature_attention_mask"], labels,
-                                        batch.get("position_ids"), ground)
-        return loss.item(), align.item(), ground_loss.item(), len(ground)
+        mentions = train_sta.mention_targets(groups, batch["input_ids"], model.audio_token_id, words_of, tok,
+                                             stop)
+        assert len(skips) == 0 and len(ground) > 10 and len(mentions) > 10
+        loss, align, ground_loss, mention_loss = step(batch["input_ids"], batch["attention_mask"],
+                                                      batch["loss_mask"], batch["input_features"],
+                                                      batch["feature_attention_mask"], labels,
+                                                      batch.get("position_ids"), ground, mentions)
+        return loss.item(), align.item(), (ground_loss.item(), mention_loss.item()), (len(ground), len(mentions))
 
     packed = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
     flat = [ex for g in groups for ex in g]
@@ -220,7 +224,8 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
     loss_p, align_p, ground_p, n_p = run(packed, [g[0] for g in groups], groups)
     loss_s, align_s, ground_s, n_s = run(separate, flat, [[ex] for ex in flat])
     assert loss_p == pytest.approx(loss_s, rel=1e-5)
-    assert n_p == n_s and ground_p == pytest.approx(ground_s, rel=1e-5)     # every time, packed or not
+    assert n_p == n_s and ground_p == pytest.approx(ground_s, rel=1e-5)     # every time and mention, packed or
+                                                                            # not
     # alignment: each clip's frames count once packed, once per example in separate rows
     per_clip = [run(data.collate_packed([g], tok, "qwen2_audio", 80, False), [g[0]], [g])[1] for g in groups]
     assert align_p == pytest.approx(sum(per_clip), rel=1e-5)
@@ -231,7 +236,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
 
 def answer_grads(step, batch):
     step.model.zero_grad()
-    loss, _, _ = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+    loss, *_ = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
                       batch["feature_attention_mask"], None, batch.get("position_ids"))
     loss.backward()
     return [p.grad.clone() for p in step.model.parameters()]
@@ -241,7 +246,7 @@ def test_align_labels_mark_the_word_under_each_audio_token():
     """Token k covers [0.04 k, 0.04 (k + 1)); its label is the word at its centre, -100 in silence."""
     ex = {"audio": "/x/a.wav"}
     ids = torch.tensor([[1, 5, 5, 5, 5, 5, 5, 5, 5, 2]])                 # 8 audio tokens (id 5) = 0.32 s
-    words = {os.path.abspath("/x/a.wav"): [(7, 0.05, 0.13), (9, 0.14, 0.30)]}    # (token id of the word, s, e)
+    words = {os.path.abspath("/x/a.wav"): [((7, 8), 0.05, 0.13, "xy"), ((9,), 0.14, 0.30, "z")]}   # (ids, s, e, w)
     labels = train_sta.align_labels([ex], ids, 5, words)
     # centres 0.02 0.06 0.10 0.14 0.18 0.22 0.26 0.30
     assert labels.tolist() == [-100, 7, 7, 9, 9, 9, 9, -100]
@@ -281,36 +286,77 @@ def test_ground_targets_point_each_time_at_its_audio(tiny_lalm):
 
 
 def test_ground_loss_is_minus_log_attention_mass_on_the_target_audio(corpus, tiny_lalm):
-    """SFTLoss's grounding loss (one head's q and k computed again in a hook) equals -log of the mass that the
-    model's explicit attention path (output_attentions) puts on each target's keys, summed; and its gradient
-    reaches the encoder through the audio tokens."""
+    """SFTLoss's grounding losses (one head's q and k computed again in a hook: times in the last layer, mentions
+    in the first of two) equal -log of the mass that the model's explicit attention path (output_attentions)
+    puts on each target's keys, summed; and their gradients reach the encoder through the audio tokens."""
     import data
+    import model as model_lib
     import tokenizer as tokenizer_lib
-    model, tok, examples = tiny_lalm
+    _, tok, examples = tiny_lalm
+    torch.manual_seed(1)
+    model = model_lib.build_lalm(train_sta.tiny_config(runlib.parse_config(train_sta.Config,
+                                                                             [*TINY, "--dec_layers=2"]), tok))
     units = train_sta.training_units(examples, pack=True)
     groups = [[examples[i] for i in u] for u in units[:2]]
     batch = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
     time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
     ground = train_sta.ground_targets(groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id,
                                       time_ids, 0.12, data.Skips("ground"))
+    mentions = train_sta.mention_targets(groups, batch["input_ids"], model.audio_token_id,
+                                         train_sta.word_times(corpus, tok), tok, train_sta.stop_words())
+    assert len(ground) > 5 and len(mentions) > 5
     head = 1
-    step = train_sta.SFTLoss(model, ground_head=head)
-    model.zero_grad()
-    _, _, loss = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
-                      batch["feature_attention_mask"], None, batch["position_ids"], ground)
-    loss.backward()
-    assert model.audio_tower.conv1.weight.grad.abs().sum() > 0
+    step = train_sta.SFTLoss(model, ground_head=head, mention_layer=0)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+              batch["feature_attention_mask"], None, batch["position_ids"])
+    for targets in ((ground, None), (None, mentions)):
+        model.zero_grad()
+        _, _, ground_loss, mention_loss = step(*inputs, *targets)
+        (ground_loss + mention_loss).backward()
+        assert model.audio_tower.conv1.weight.grad.abs().sum() > 0
+    _, _, ground_loss, mention_loss = step(*inputs, ground, mentions)
     with torch.no_grad():
         _, attentions = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"], input_features=batch["input_features"],
                               feature_attention_mask=batch["feature_attention_mask"], output_attentions=True)
-    probs = attentions[-1][:, head]                                   # (B, T, T), the last layer
-    expected = -sum(torch.log(probs[b, q, lo:hi].sum()) for b, q, lo, hi in ground.tolist())
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    # without targets the loss is zero and the hook does nothing
-    _, _, none = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
-                      batch["feature_attention_mask"], None, batch["position_ids"])
-    assert none.item() == 0.0
+    for loss, targets, layer in ((ground_loss, ground, -1), (mention_loss, mentions, 0)):
+        probs = attentions[layer][:, head]                            # (B, T, T)
+        expected = -sum(torch.log(probs[b, q, lo:hi].sum()) for b, q, lo, hi in targets.tolist())
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # without targets the losses are zero and the hooks do nothing
+    assert [x.item() for x in step(*inputs)[2:]] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="mention layer 2 not in"):
+        train_sta.SFTLoss(model, ground_head=head, mention_layer=2)
+
+
+def test_mention_targets_point_each_mention_at_its_word(tiny_lalm):
+    """A word spoken once in the clip, mentioned in the question or the answer, should attend from its last
+    token to the audio tokens whose centres lie in its [start, end); a word spoken twice, a stop word ("and",
+    also in "seconds and ends at") and a match that goes on into a longer word are not mentions."""
+    model, tok, _ = tiny_lalm
+    audio_id = model.audio_token_id
+    words_of = {os.path.abspath("a.wav"): [(tuple(tok.encode(" " + w)), s, e, w) for w, s, e in
+                                           [("gold", 0.1, 0.3), ("cat", 0.3, 0.5), ("and", 0.5, 0.6),
+                                            ("dog", 0.6, 0.65), ("dog", 0.65, 0.7), ("red", 0.7, 0.8)]]}
+    text = "say gold cat and dog dog reddish? The segment gold cat starts at 0.10 seconds and ends at 0.50 seconds."
+    ids = [1] + [audio_id] * 20 + tok.encode(text)                   # audio tokens at positions 1..20 (0.8 s)
+    assert tok.encode(" reddish")[:len(tok.encode(" red"))] == tok.encode(" red")   # "red" matches, then goes on
+
+    def ends(w):                                                      # the last token of each mention of w
+        seq = tok.encode(" " + w)
+        return [i + len(seq) - 1 for i in range(21, len(ids)) if ids[i:i + len(seq)] == seq]
+    assert len(ends("gold")) == len(ends("cat")) == len(ends("and")) == 2
+    # centres (k + 0.5) * 0.04 of audio token k (position k + 1): gold [0.1, 0.3) -> k 2..6, cat [0.3, 0.5) -> 7..11,
+    # and [0.5, 0.6) -> k 12..14
+    want = [[0, i, 3, 8] for i in ends("gold")] + [[0, i, 8, 13] for i in ends("cat")]
+    got = train_sta.mention_targets([[{"audio": "a.wav"}]], torch.tensor([ids]), audio_id, words_of, tok,
+                                    train_sta.stop_words())
+    assert got.tolist() == sorted(want)
+    no_stop = train_sta.mention_targets([[{"audio": "a.wav"}]], torch.tensor([ids]), audio_id, words_of, tok)
+    assert no_stop.tolist() == sorted(want + [[0, i, 13, 16] for i in ends("and")])
+    assert train_sta.mention_targets([[{"audio": "other.wav"}]], torch.tensor([ids]), audio_id, words_of,
+                                     tok).shape == (0, 4)
+    assert {"and", "the", "segment", "seconds", "has"} <= train_sta.stop_words()
 
 
 def test_audio_time_embedding_adds_each_audio_tokens_time_piece(tiny_lalm, tmp_path):

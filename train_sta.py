@@ -13,10 +13,10 @@ Built-in tiny default (CPU, no download):
   scores it on the held-out pairs. Measured (2026-11-23 session 11, 2 CPU cores, 2 threads): 1300 steps x 8 clips
   (~53 examples) in 14.0-14.2 min (four runs of this recipe and its variants, median 0.62-0.63 s a step, ~85
   examples/s, ~5,400 tokens/s) and 15.8 min in a slow phase of the host (0.70 s a step, the pipeline's run);
-  held-out mean IoU 0.67 (800 pairs, seed 1: 0.6727 in the pipeline's run, 0.6705 in the prototype's; 65 % >= 0.7,
-  78 % >= 0.5, SED-F1 0.74). Session 10's recipe, without (g) below: 0.60 (0.58-0.61 in three runs, SED-F1
-  0.63-0.66); session 6's, without (e), (f), (g): 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47
-  with --seed=2.
+  held-out mean IoU 0.67-0.68 (800 pairs, seed 1: 0.6727 in the pipeline's run, 0.6705 in the prototype's,
+  0.6781 with --seed=2; 64-65 % >= 0.7, 78-79 % >= 0.5, SED-F1 0.71-0.74). Session 10's recipe, without (g)
+  below: 0.60 (0.58-0.61 in three runs, SED-F1 0.63-0.66); session 6's, without (e), (f), (g): 0.48 (37 % >= 0.7,
+  SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
   Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (three runs); each alone does not help:
   (e) alone (scale 10) 0.48 (800 pairs; 64-pair evaluations 0.32 / 0.38 / 0.39 / 0.48 after 325 / 650 / 975 /
   1300 steps, the old recipe 0.24 / 0.39 / 0.43 / 0.46, both together 0.33 / 0.45 / 0.45 / 0.55 and 0.29 / 0.35 /
@@ -39,8 +39,8 @@ Built-in tiny default (CPU, no download):
   occurrence it names (a repeated "the" included); that plus a training-only head predicting each audio
   token's next word from the encoder (so a "the" could carry "yellow" after it) 0.67. What is left: phrases
   whose first word is spoken twice in the clip (155 of 800: "the yellow horse", "has a purple table") score
-  0.39-0.48 in every run of this session (0.45 in session 10), 37-43 % of their starts more than 0.5 s off,
-  mostly on the other occurrence, against 0.72-0.73 for the rest with (g) (0.64 before). The decoder reads the
+  0.39-0.49 in every run of this session (0.45 in session 10), 37-43 % of their starts more than 0.5 s off,
+  mostly on the other occurrence, against 0.72-0.74 for the rest with (g) (0.64 before). The decoder reads the
   audio causally, so the audio token of the right "the" cannot see the "yellow" after it, and neither naming
   the occurrence nor the encoder's next-word context taught the head to pick it in this budget.
   The corpus's word times are exact to ~10 ms: espeak's WORD events fall 8-15 ms before the acoustic onset

@@ -380,6 +380,15 @@ def audio_index(t):
     return math.ceil(round(t * AUDIO_TOKENS_PER_SECOND - 0.5, 6))
 
 
+def audio_keys(audio_pos, a, z):
+    """Positions [first, stop) of the audio tokens whose centres lie in [a, z) seconds (at least one), given the
+    row's audio placeholder positions; None when a lies past the clip."""
+    first = max(0, audio_index(a))
+    if first >= len(audio_pos):
+        return None
+    return audio_pos[first], audio_pos[min(len(audio_pos), max(first + 1, audio_index(z))) - 1] + 1
+
+
 def align_labels(examples, input_ids, audio_token_id, words_of):
     """Frame-word alignment targets for the audio rows of a batch (placeholder order): audio token k of a clip
     covers [k, k + 1) x 0.04 s; its target is the first token of the word spoken at the token's centre, -100
@@ -423,13 +432,10 @@ def ground_targets(groups, input_ids, loss_mask, audio_token_id, time_token_ids,
             skips.add("time pieces != answer times", f"{group[0]['audio']}: {len(piece_pos)} time pieces, "
                       f"{len(times)} times in the answers, {len(audio_pos)} audio tokens")
             continue
-        n = len(audio_pos)
         for i, (t, is_start) in zip(piece_pos, times):
-            a, z = (t, t + seconds) if is_start else (t - seconds, t)
-            first = max(0, audio_index(a))                            # centres in [a, z)
-            stop = min(n, max(first + 1, audio_index(z)))
-            if first < n:
-                out.append((b, i - 1, audio_pos[first], audio_pos[stop - 1] + 1))
+            keys = audio_keys(audio_pos, *((t, t + seconds) if is_start else (t - seconds, t)))
+            if keys:
+                out.append((b, i - 1, *keys))
     return torch.tensor(out, dtype=torch.long).reshape(-1, 4)
 
 
@@ -466,12 +472,10 @@ def mention_targets(groups, input_ids, audio_token_id, words_of, tok, stop=froze
         for i in range(audio_pos[-1] + 1 if audio_pos else len(ids), len(ids)):
             at[ids[i]].append(i)
         spoken = collections.Counter(w[0] for w in words)
-        n = len(audio_pos)
         for seq, start, end, word in words:
-            first = max(0, audio_index(start))
-            if spoken[seq] > 1 or word.lower() in stop or first >= n:
+            keys = audio_keys(audio_pos, start, end)
+            if spoken[seq] > 1 or word.lower() in stop or keys is None:
                 continue
-            stop_k = min(n, max(first + 1, audio_index(end)))
             for i in at[seq[0]]:
                 last = i + len(seq) - 1
                 if tuple(ids[i:last + 1]) != seq:
@@ -479,7 +483,7 @@ def mention_targets(groups, input_ids, audio_token_id, words_of, tok, stop=froze
                 after = tok.decode(ids[last:last + 2])[len(tok.decode(ids[last:last + 1])):]
                 if after[:1].isalpha():
                     continue                                          # the word goes on ("red" + "dish")
-                out.append((b, last, audio_pos[first], audio_pos[stop_k - 1] + 1))
+                out.append((b, last, *keys))
     return torch.tensor(sorted(out), dtype=torch.long).reshape(-1, 4)
 
 
@@ -832,16 +836,16 @@ def main(argv=None):
             batches = [data.collate_sft([examples[units[u][0]] for u in mb], tok, cfg.family, n_mels,
                                         cfg.pad_to_30s, audio_cache=audio_cache) for mb in micro]
         for mb, b in zip(micro, batches):
+            groups = [[examples[i] for i in units[u]] for u in mb]    # each row's examples
             if cfg.align_weight > 0:
-                b["align_labels"] = align_labels([unit_info[u] for u in mb], b["input_ids"], model.audio_token_id,
+                b["align_labels"] = align_labels([g[0] for g in groups], b["input_ids"], model.audio_token_id,
                                                  words_of)
             if ground_ids is not None:
-                b["ground"] = ground_targets([[examples[i] for i in units[u]] for u in mb], b["input_ids"],
-                                             b["loss_mask"], model.audio_token_id, ground_ids, cfg.ground_seconds,
-                                             ground_skips)
+                b["ground"] = ground_targets(groups, b["input_ids"], b["loss_mask"], model.audio_token_id, ground_ids,
+                                             cfg.ground_seconds, ground_skips)
             if cfg.mention_weight > 0:
-                b["mentions"] = mention_targets([[examples[i] for i in units[u]] for u in mb], b["input_ids"],
-                                                model.audio_token_id, words_of, tok, mention_stop)
+                b["mentions"] = mention_targets(groups, b["input_ids"], model.audio_token_id, words_of, tok,
+                                                mention_stop)
         # normalise by the answer tokens (aligned audio tokens, grounded times, mentions) of the whole global
         # batch: 1 and N processes agree
         counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),

@@ -865,7 +865,7 @@ def load_examples(path, kind: str = "auto", check_audio="header", audio_root=Non
     audio_root (default: the JSONL's folder)."""
     skips = skips if skips is not None else Skips(str(path))
     root = audio_root or Path(path).parent
-    out = []
+    out, checked = [], {}                                  # audio path -> None (readable) or the error
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -884,13 +884,17 @@ def load_examples(path, kind: str = "auto", check_audio="header", audio_root=Non
             continue
         r["audio"] = _resolve(r["audio"], root)
         if check_audio:
-            try:
-                if check_audio == "decode":
-                    load_audio(r["audio"])
-                elif sf.info(r["audio"]).frames <= 0:
-                    raise AudioError(f"audio file {r['audio']} has no samples")
-            except Exception as e:  # any reason soundfile cannot open the file is a counted skip
-                skips.add("bad audio", f"{path}:{n}: {r['audio']}: {e}")
+            if r["audio"] not in checked:                  # records of one clip (e.g. 8 STA pairs) share a check
+                try:
+                    if check_audio == "decode":
+                        load_audio(r["audio"])
+                    elif sf.info(r["audio"]).frames <= 0:
+                        raise AudioError(f"audio file {r['audio']} has no samples")
+                    checked[r["audio"]] = None
+                except Exception as e:  # any reason soundfile cannot open the file is a counted skip
+                    checked[r["audio"]] = e
+            if checked[r["audio"]] is not None:
+                skips.add("bad audio", f"{path}:{n}: {r['audio']}: {checked[r['audio']]}")
                 continue
         out.append(r)
     skips.report()

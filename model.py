@@ -7,7 +7,7 @@ and text only; loads the released full-model layout or the thinker-only one), au
 Data flow: input_ids (B, T) -> embed_tokens, audio rows from audio_encoder scattered into the placeholder
 slots -> decoder layers (RMSNorm, RoPE, GQA attention, SwiGLU) -> final norm -> logits (B, T, V).
 Our tiny default's config adds one key the released architectures lack, audio_time_embedding: each audio
-row also gets the embedding of the time token that names its time (LALM.audio_time_rows).
+row also gets the embeddings of the time tokens that name its time (LALM.audio_time_rows).
 
 Every module keeps the released HF `config.json` content as `module.config`; architecture dimensions are
 read from it, never guessed. Released safetensors checkpoints load through one literal key table per family
@@ -398,6 +398,10 @@ class LALM(nn.Module):
             missing = {"first_token_id", "num_tokens", "seconds_per_token", "scale"} - set(self.time_embedding)
             if missing:
                 raise ValueError(f"config audio_time_embedding lacks {sorted(missing)}")
+            digits = self.time_embedding.get("digit_token_ids")
+            if digits is not None and (len(digits) != 10 or self.time_embedding["seconds_per_token"] != 0.1):
+                raise ValueError("config audio_time_embedding digit_token_ids must be the 10 tokens '0' .. '9', "
+                                 "naming hundredths after time tokens of 0.1 s (seconds_per_token 0.1)")
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.language_model.lm_head_weight()
@@ -446,22 +450,28 @@ class LALM(nn.Module):
         return h
 
     def audio_time_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """(N_audio, D), placeholder order: for each audio placeholder, scale x the input embedding of the time
-        token naming the time its audio token covers. Config audio_time_embedding {first_token_id, num_tokens,
-        seconds_per_token, scale}: time tokens first_token_id + i name i * seconds_per_token (the tiny default's
-        "0.0" .. "29.9" pieces, tokenizer.TIME_PIECES). Audio token k of a run of placeholders (one clip) covers
-        [k, k + 1) x 0.04 s and gets the piece of its centre: "0.0" for k = 0, 1, "0.1" for k = 2 .. 4, ...
-        So the decoder can read the time of an audio token it attends to from the token itself (with RoPE the
-        values carry no position), which the tiny default needs to write timestamps (train_sta.py). Not part of
-        the released architectures (transformers' Qwen2-Audio ignores this config key); absent from their
-        configs, so released checkpoints are unaffected."""
+        """(N_audio, D), placeholder order: for each audio placeholder, scale x the input embeddings of the time
+        tokens naming when its audio token starts. Config audio_time_embedding {first_token_id, num_tokens,
+        seconds_per_token, scale, digit_token_ids (optional)}: time tokens first_token_id + i name i x
+        seconds_per_token (the tiny default's "0.0" .. "29.9" pieces, tokenizer.TIME_PIECES); digit_token_ids,
+        the tokens "0" .. "9", add the hundredths digit. Audio token k of a run of placeholders (one clip) covers
+        [k, k + 1) x 0.04 s and is named by its start 0.04 k the way an answer writes that time: k = 14 gets
+        "0.5" + "6" (0.56 s), k = 0, 1, 2 get "0.0" + "0", "4", "8". So the decoder can read the time of an audio
+        token it attends to from the token itself (with RoPE the values carry no position), which the tiny
+        default needs to write timestamps (train_sta.py). Not part of the released architectures (transformers'
+        Qwen2-Audio ignores this config key); absent from their configs, so released checkpoints are
+        unaffected."""
         c = self.time_embedding
         count = slots.long().cumsum(-1)                                                  # (B, T)
         before_run = torch.where(slots, 0, count).cummax(-1).values                    # count at the run's start
         k = (count - before_run - 1)[slots]                                            # index within the run
-        # + 1e-6: a centre exactly on a piece boundary (0.30 s) belongs to the later piece despite float rounding
-        piece = ((k + 0.5) * (SECONDS_PER_AUDIO_TOKEN / c["seconds_per_token"]) + 1e-6).long()
-        return self.language_model.embed_ids(c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1)) * c["scale"]
+        hundredths = k * round(SECONDS_PER_AUDIO_TOKEN * 100)                          # 4 k, exact
+        piece = hundredths // round(c["seconds_per_token"] * 100)
+        embed = self.language_model.embed_ids
+        rows = embed(c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1))
+        if c.get("digit_token_ids") is not None:
+            rows = rows + embed(torch.tensor(c["digit_token_ids"], device=k.device)[hundredths % 10])
+        return rows * c["scale"]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, input_features=None,
                 feature_attention_mask=None, audio_embeds=None, return_hidden=False, output_attentions=False,

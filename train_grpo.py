@@ -18,7 +18,8 @@ Built-in tiny default (CPU, ~6 min with 1 thread on a 2-core machine; needs the 
   R_tg 0.406 -> 0.491 / 0.492 / 0.497. (Sessions 1-4, when the synthetic answers named the option's letter,
   accuracy stayed at chance: 26.5 -> 26.5 / 26.0 / 27.5 %; see train_sta.py.) From later Stage 1 recipes
   (pipeline runs, seed 1337): session 10's 27.5 % -> 43.5 %, session 11's (held-out STA IoU 0.67) 32.0 % -> 37.0 %
-  (R_tg 0.389 -> 0.496, spans per answer 2.11 -> 1.04, 6.2 min).
+  (R_tg 0.389 -> 0.496, spans per answer 2.11 -> 1.04, 6.2 min), session 12's (STA IoU 0.74) 36.0 % -> 37.5 %
+  (R_tg 0.404 -> 0.495, spans 1.96 -> 1.04, 7.3 min; the held-out STA IoU falls to 0.71 meanwhile).
   Rollouts on these ~3.5 s clips:
   ~2,000 generated tok/s with prefix sharing vs ~1,240 without (1 thread).
 Paper runs (8 GPUs, per-GPU batch 8 completions, grad accumulation 4, G 8, lr 5e-6, beta 0.04, T 0.8, bf16):

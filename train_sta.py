@@ -10,13 +10,25 @@ Built-in tiny default (CPU, no download):
   linear projector, Qwen2 decoder; features not padded to 30 s). The checkpoint is out/sta_tiny/ckpt/latest:
   model.from_pretrained and tokenizer.load_tokenizer both load it (tokenizer.model is saved inside), and
   `python eval.py sta --checkpoint out/sta_tiny/ckpt/latest --manifest out/synth/heldout/sta.jsonl --out sta.json`
-  scores it on the held-out pairs. Measured (2026-11-23 session 11, 2 CPU cores, 2 threads): 1300 steps x 8 clips
-  (~53 examples) in 14.0-14.2 min (four runs of this recipe and its variants, median 0.62-0.63 s a step, ~85
-  examples/s, ~5,400 tokens/s) and 15.8 min in a slow phase of the host (0.70 s a step, the pipeline's run);
-  held-out mean IoU 0.67-0.68 (800 pairs, seed 1: 0.6727 in the pipeline's run, 0.6705 in the prototype's,
-  0.6781 with --seed=2; 64-65 % >= 0.7, 78-79 % >= 0.5, SED-F1 0.71-0.74). Session 10's recipe, without (g)
-  below: 0.60 (0.58-0.61 in three runs, SED-F1 0.63-0.66); session 6's, without (e), (f), (g): 0.48 (37 % >= 0.7,
-  SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
+  scores it on the held-out pairs. Measured (2026-11-23 session 12, 2 CPU cores, 2 threads, the pipeline's run):
+  1200 steps x 8 clips (~53 examples) in 13.9 min (median 0.67 s a step, ~80 examples/s, ~5,000 tokens/s;
+  tokenizer and data loading included); held-out mean IoU 0.743 (800 pairs, seed 1; 71.9 % >= 0.7, 80.0 % >= 0.5,
+  SED-F1 0.72; 0.740 in the prototype's run of 1300 steps). 1300 steps took 14.0-16.9 min in sessions 10-12 as
+  the host's speed varied (0.62-0.74 s a step), so the default stops at 1200. Session 11's recipe, without (h)
+  and (e)'s digits and with ends read before them: 0.67-0.68 (three runs); session 10's, without (g) as well:
+  0.60 (0.58-0.61 in three runs); session 6's, without (e), (f), (g): 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100
+  steps 0.45, and 0.47 with --seed=2.
+  Session 12 ((h), digits in (e), ends read after them in (f)): with the right time piece, the written
+  hundredths had been a guess (exact 9-11 %, mean error 3.0 hundredths: chance), and 30 % of the start pieces
+  were one off. Runs of 1300 steps, 800 pairs each: the audio tokens named to the hundredth, and both the piece
+  and the digit read from the one token at t by the same head: 0.600 (digits exact 34 %, but 33 % of the starts
+  more than 0.3 s off, mostly on another word's onset); the piece read from [t, t + 0.12 s) again: 0.683; the
+  digit on a head of its own, (h): 0.706; and ends read from [t, t + 0.12 s) instead of the phrase's last
+  tokens [t - 0.12 s, t), which start before t and name an earlier time: 0.740 (SED-F1 0.73, 72.9 % >= 0.7;
+  starts within 0.02 s 68 % (23 % before), ends 62 % (17 %); by phrase length 0.68 / 0.73 / 0.75 / 0.79).
+  Phrases whose first word is spoken twice still score 0.48 (the rest 0.80). Tried for them: the decoder's
+  audio tokens of a clip attending to each other both ways (so the "the" of "the yellow horse" sees "yellow";
+  a prefix-LM mask in the prototype, generation included): 0.665 overall, those phrases 0.456, no change.
   Session 10: (e) + (f) take the held-out IoU from 0.48 to 0.60-0.61 (three runs); each alone does not help:
   (e) alone (scale 10) 0.48 (800 pairs; 64-pair evaluations 0.32 / 0.38 / 0.39 / 0.48 after 325 / 650 / 975 /
   1300 steps, the old recipe 0.24 / 0.39 / 0.43 / 0.46, both together 0.33 / 0.45 / 0.45 / 0.55 and 0.29 / 0.35 /
@@ -149,14 +161,16 @@ Deviations from the paper:
     words.jsonl; align_labels), which gives a from-scratch encoder the word recognition a released LALM brings
     from pre-training. Neither changes the checkpoint layout; the alignment loss needs no extra parameters.
   * Two that find the phrase and read its time (session 10), off in the paper configs: (e) `audio_time_embedding`:
-    each audio token's input also holds 10x the input embedding of the time piece its 40 ms fall in ("0.5" for
-    0.50-0.59 s; model.LALM.audio_time_rows), so a decoder attending to an audio token can read its time from it
-    (with RoPE the attention values carry no position); (f) `ground_weight`: a grounding attention loss, where
-    the answer writes a time piece, one head of the last decoder layer (`ground_head`) is trained to put its
-    attention on the audio of [t, t + 0.12 s) for a start, [t - 0.12 s, t) for an end (ground_targets), the
-    loss being -log of that mass (weight 0.5, per time). (f) leaves the checkpoint as it is; (e) is one more key
-    in config.json, which our model.py (so eval.py, train_grpo.py) honours and transformers' Qwen2-Audio would
-    ignore. A released LALM would need neither in principle; the paper's Stage 1 has no such losses.
+    each audio token's input also holds 10x the input embeddings of the time piece and the hundredths digit of
+    its start ("0.5" + "6" for the token of 0.56-0.60 s; model.LALM.audio_time_rows; sessions 10-11: the piece
+    of its centre only), so a decoder attending to an audio token can read its time from it (with RoPE the
+    attention values carry no position); (f) `ground_weight`: a grounding attention loss, where the answer
+    writes a time piece, one head of the last decoder layer (`ground_head`) is trained to put its attention on
+    the audio of [t, t + 0.12 s) (ground_targets; sessions 10-11 read an end from [t - 0.12 s, t)), the loss
+    being -log of that mass (weight 0.25 per time; 0.5 in sessions 10-11). (f) leaves the checkpoint as it is;
+    (e) is one more key in config.json, which our model.py (so eval.py, train_grpo.py) honours and
+    transformers' Qwen2-Audio would ignore. A released LALM would need neither in principle; the paper's
+    Stage 1 has no such losses.
   * One that teaches which audio a word of the text is (session 11), off in the paper configs: (g)
     `mention_weight`: a mention grounding loss, every mention in a row's text (question or answer) of a content
     word spoken once in the clip trains the same head, from the mention's last token, to attend to that word's
@@ -166,6 +180,14 @@ Deviations from the paper:
     times). With (f) alone the head learned where the answer's phrase sits in the sentence more than which
     word it is ("sits" -> the clip's other verb); (g) asks for the word itself, at every mention. It leaves the
     checkpoint as it is.
+  * One that reads a time to the hundredth (session 12), off in the paper configs: (h) `digit_weight`: where the
+    answer writes a time's hundredths digit, a second head of the last layer (`digit_head`) is trained, from
+    the piece before the digit, to attend to the one audio token at that time (audio_index(t), whose start is
+    within 0.02 s of t and whose time embedding names the digit), the loss being -log of that attention
+    (weight 0.25, per time). Before it the digit was a guess: with the piece right, the written hundredths
+    were exact 9-11 % of the time (chance 10 %). On the same head as (f) it helped less (0.683 vs 0.706
+    held-out IoU): one head that both finds a word by its content and a token by its time finds the word
+    less often. It leaves the checkpoint as it is.
   * Not in the paper (it gives only the lr, batch and accumulation): linear warmup + cosine decay to min_lr,
     AdamW betas and weight decay, gradient clipping at 1.0, one epoch (~1047 steps of 256) for the 7B runs.
     Loss = mean cross-entropy over all answer tokens of the global batch (not a mean of per-example means).
@@ -192,7 +214,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import runlib
-from audio_encoder import AUDIO_TOKENS_PER_SECOND, encoder_config
+from audio_encoder import AUDIO_TOKENS_PER_SECOND, SECONDS_PER_AUDIO_TOKEN, encoder_config
 from model import rotate_half
 
 # ---------------------------------------------------------------------------
@@ -214,16 +236,21 @@ class Config:
                                             # copy of the audio (data.collate_packed); batch_size counts clips
     align_weight: float = 0.5               # tiny default: weight of the frame-word alignment loss (0: off; needs
                                             # words.jsonl word times; see align_labels)
-    ground_weight: float = 0.5              # tiny default: weight of the grounding attention loss (0: off; needs
+    ground_weight: float = 0.25             # tiny default: weight of the grounding attention loss (0: off; needs
                                             # the time pieces; see ground_targets)
     ground_head: int = 0                    # the head of the last decoder layer that this loss supervises
-    ground_seconds: float = 0.12            # ... to attend to [start, start + this) for a start, [end - this, end)
+    ground_seconds: float = 0.12            # ... to attend to the audio of [t, t + this) for a time t
+    digit_weight: float = 0.25              # tiny default: weight of the digit grounding loss (0: off; needs
+                                            # ground_weight > 0)
+    digit_head: int = 1                     # the head of the last layer that it supervises: each time's hundredths
+                                            # digit read off its one audio token (see ground_targets)
     mention_weight: float = 0.5             # tiny default: weight of the mention grounding loss (0: off; needs
                                             # words.jsonl word times; see mention_targets)
     mention_layer: int = -1                 # the decoder layer whose head ground_head this loss supervises (-1:
                                             # the last, with the times; layer 1 of 3 measured 0.59, the last 0.67)
     audio_time_embedding: float = 10.0      # tiny model built from scratch: each audio token also gets this times
-                                            # the embedding of its time piece (model.LALM.audio_time_rows; 0: not)
+                                            # the embeddings of its time piece and hundredths digit
+                                            # (model.LALM.audio_time_rows; 0: not)
     timestamps: bool = True                 # False: the "reasoning SFT without timestamps" ablation (no STA
                                             # pairs; QA reasoning and transcripts with every time removed)
     family: str = "qwen2_audio"             # chat template / architecture family
@@ -242,7 +269,7 @@ class Config:
     dec_layers: int = 3
     dec_heads: int = 4
     # optimisation
-    max_steps: int = 1300
+    max_steps: int = 1200
     batch_size: int = 8                     # per process, per micro-step (clips when pack, else examples)
     grad_accum: int = 1
     lr: float = 2e-3
@@ -262,11 +289,11 @@ class Config:
     out_dir: str = "out/sta_tiny"
     seed: int = 1337
     device: str = "auto"
-    eval_every: int = 325
+    eval_every: int = 300
     eval_n: int = 64                        # held-out pairs decoded per evaluation
     eval_batch_size: int = 16
     max_new_tokens: int = 48
-    save_every: int = 325
+    save_every: int = 300
     keep_last: int = 2
     resume: bool = True                     # continue from out_dir/ckpt/latest when it exists
     stop_at: int = 0                        # stop after this step (0: max_steps) keeping the schedule of max_steps
@@ -409,34 +436,36 @@ TIME_NUMBER = re.compile(r"\d+\.\d\d")                                # "0.56" i
 
 
 def ground_targets(groups, input_ids, loss_mask, audio_token_id, time_token_ids, seconds, skips):
-    """Targets of the grounding attention loss: (N, 4) long rows (batch row, query position, first audio key
-    position, stop key position). Every timestamp of an answer is written as a time piece ("0.5") and a digit;
-    the position that predicts the piece (the token before it) should attend to the audio tokens of [t, t +
-    seconds) for a start, [t - seconds, t) for an end. Starts and ends: an STA answer and a reasoning's "From X s
-    to Y s" alternate start, end; a transcript's times are all word onsets. groups: the examples of each row
-    (one each without packing), in the row's order. A row whose time pieces do not match its answers' times
-    one to one is left out and counted in skips (data.Skips)."""
+    """Targets of the two time grounding attention losses, each (N, 4) long rows (batch row, query position,
+    first audio key position, stop key position). Every timestamp t of an answer (a start, an end, a word
+    onset) is written as a time piece and a digit ("0.5" "6"), and both are read off the audio from t on:
+      times:  the position that predicts the piece (the token before it) should attend to the audio tokens
+              whose centres lie in [t, t + seconds): where the phrase starts, or what follows its end;
+      digits: the position that predicts the digit (the piece) should attend to the one audio token
+              audio_index(t), whose start, within 0.02 s of t, the time embedding names to the hundredth
+              (model.LALM.audio_time_rows): "0.5" "6" for the token of 0.56 s.
+    An end is read after it, not from the phrase's last tokens, because those start before t and so name an
+    earlier time (measured: 0.706 held-out IoU with ends read from [t - seconds, t), 0.740 from [t, t +
+    seconds)). groups: the examples of each row (one each without packing), in the row's order. A row whose
+    time pieces do not match its answers' times one to one is left out and counted in skips (data.Skips)."""
     import data
-    out = []
+    times, digits = [], []
     for b, group in enumerate(groups):
         ids = input_ids[b]
         audio_pos = (ids == audio_token_id).nonzero().flatten().tolist()
         piece_pos = (torch.isin(ids, time_token_ids) & loss_mask[b]).nonzero().flatten().tolist()
-        times = []
-        for ex in group:
-            found = [float(t) for t in TIME_NUMBER.findall(data.target_text(ex))]
-            onsets = ex.get("question") == TRANSCRIBE_QUESTION
-            times += [(t, onsets or i % 2 == 0) for i, t in enumerate(found)]
+        found = [float(t) for ex in group for t in TIME_NUMBER.findall(data.target_text(ex))]
         skips.total += 1
-        if len(times) != len(piece_pos) or not audio_pos:
+        if len(found) != len(piece_pos) or not audio_pos:
             skips.add("time pieces != answer times", f"{group[0]['audio']}: {len(piece_pos)} time pieces, "
-                      f"{len(times)} times in the answers, {len(audio_pos)} audio tokens")
+                      f"{len(found)} times in the answers, {len(audio_pos)} audio tokens")
             continue
-        for i, (t, is_start) in zip(piece_pos, times):
-            keys = audio_keys(audio_pos, *((t, t + seconds) if is_start else (t - seconds, t)))
-            if keys:
-                out.append((b, i - 1, *keys))
-    return torch.tensor(out, dtype=torch.long).reshape(-1, 4)
+        for i, t in zip(piece_pos, found):
+            for rows, query, span in ((times, i - 1, seconds), (digits, i, SECONDS_PER_AUDIO_TOKEN)):
+                keys = audio_keys(audio_pos, t, t + span)       # None past the clip's end
+                if keys:
+                    rows.append((b, query, *keys))
+    return tuple(torch.tensor(rows, dtype=torch.long).reshape(-1, 4) for rows in (times, digits))
 
 
 ENGLISH_FUNCTION_WORDS = ("a an the and or but of to in on at by for with from as than then so if not no is are was "
@@ -578,39 +607,40 @@ def time_piece_ids(tok, option):
 
 def time_embedding(tok, scale):
     """The tiny model's config audio_time_embedding (model.LALM.audio_time_rows): the tokenizer's time pieces
-    must be consecutive ids."""
+    must be consecutive ids, and each digit one token."""
     ids = time_piece_ids(tok, "audio_time_embedding")
-    if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise ValueError("audio_time_embedding needs the time pieces as consecutive token ids: set "
-                         "--audio_time_embedding=0")
-    return {"first_token_id": ids[0], "num_tokens": len(ids), "seconds_per_token": 0.1, "scale": scale}
+    digits = [tok.token_to_id(str(d)) for d in range(10)]
+    if ids != list(range(ids[0], ids[0] + len(ids))) or None in digits:
+        raise ValueError("audio_time_embedding needs the time pieces as consecutive token ids and the digits as "
+                         "tokens: set --audio_time_embedding=0")
+    return {"first_token_id": ids[0], "num_tokens": len(ids), "seconds_per_token": 0.1, "scale": scale,
+            "digit_token_ids": digits}
 
 
 class SFTLoss(nn.Module):
-    """Summed next-token cross-entropy over answer tokens, computed on the selected positions only; with
-    align_labels the summed frame-word alignment cross-entropy of the audio rows (else 0); with ground targets
-    (ground_targets) and mention targets (mention_targets) the summed grounding attention losses (else 0).
+    """Summed next-token cross-entropy over answer tokens, computed on the selected positions only, and the
+    summed auxiliary losses: with align_labels the frame-word alignment cross-entropy of the audio rows; with
+    targets {kind: (N, 4) rows} (ground_targets' times and digits, mention_targets' mentions) the grounding
+    attention losses, each supervising one head of one decoder layer: heads {kind: (layer, head)}.
 
     Logits are formed for the answer positions alone (N x V instead of B x T x V: a 152k vocab at 1k
     tokens would otherwise dominate memory). Living inside one module lets DDP/FSDP2 wrap the whole step.
     """
 
-    def __init__(self, model, ground_head=None, ground_layer=-1, mention_layer=None):
+    def __init__(self, model, heads=None):
         super().__init__()
-        self.model = model
-        self.ground_head, self._targets, self._losses = ground_head, {}, {}
+        self.model, self.heads, self._targets, self._losses = model, dict(heads or {}), {}, {}
         layers = model.language_model.layers
-        if ground_head is not None and not 0 <= ground_head < layers[0].self_attn.heads:
-            raise ValueError(f"ground_head {ground_head} not in [0, {layers[0].self_attn.heads})")
-        for kind, layer in (("ground", ground_layer), ("mention", mention_layer)):
-            if ground_head is not None and layer is not None:
-                if not -len(layers) <= layer < len(layers):
-                    raise ValueError(f"{kind} layer {layer} not in [-{len(layers)}, {len(layers)})")
-                layers[layer].self_attn.register_forward_hook(partial(self._ground_hook, kind=kind))
+        for kind, (layer, head) in self.heads.items():
+            if not -len(layers) <= layer < len(layers):
+                raise ValueError(f"{kind} layer {layer} not in [-{len(layers)}, {len(layers)})")
+            if not 0 <= head < layers[0].self_attn.heads:
+                raise ValueError(f"{kind} head {head} not in [0, {layers[0].self_attn.heads})")
+            layers[layer].self_attn.register_forward_hook(partial(self._ground_hook, kind=kind))
 
     def _ground_hook(self, attn, args, output, kind):
         """Inside a decoder layer's forward (its weights are gathered there under FSDP2): the summed -log of the
-        attention mass that head ground_head puts on each `kind` target's audio keys. Computes q and k of that
+        attention mass that the kind's head puts on each `kind` target's audio keys. Computes q and k of that
         one head again from the layer's input (a 1/heads slice of two projections). The targets stay set until
         the next forward, so an activation-checkpointing recompute in backward repeats the same ops (as it
         must); without gradients (generation) nothing is computed."""
@@ -619,7 +649,7 @@ class SFTLoss(nn.Module):
             return
         x, cos, sin, mask = args[:4]
         rows, query, first, stop = targets.unbind(-1)
-        d, h = attn.head_dim, self.ground_head
+        d, h = attn.head_dim, self.heads[kind][1]
         kv = h // (attn.heads // attn.kv_heads)
 
         def part(lin, j):                                                                # head j's rows
@@ -638,22 +668,26 @@ class SFTLoss(nn.Module):
         self._losses[kind] = -log_p.masked_fill(~on_target, float("-inf")).logsumexp(-1).sum()
 
     def forward(self, input_ids, attention_mask, loss_mask, input_features=None, feature_attention_mask=None,
-                align_labels=None, position_ids=None, ground=None, mentions=None):
+                align_labels=None, position_ids=None, targets=None):
+        """-> (answer loss, {"align": ..., kind: ... for each kind of heads}), all sums (0 without targets)."""
         audio = None if input_features is None else self.model.encode_audio(input_features, feature_attention_mask)
-        self._targets = {kind: t for kind, t in (("ground", ground), ("mention", mentions)) if t is not None and len(t)}
+        unknown = set(targets or {}) - set(self.heads)
+        if unknown:
+            raise ValueError(f"targets for {sorted(unknown)}, but SFTLoss supervises heads for {sorted(self.heads)}")
+        self._targets = {kind: t for kind, t in (targets or {}).items() if t is not None and len(t)}
         self._losses = {}
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, audio_embeds=audio,
                             return_hidden=True)                       # (B, T, D)
-        ground_loss, mention_loss = (self._losses.get(kind, hidden.new_zeros(())) for kind in ("ground", "mention"))
         select = loss_mask[:, 1:]                                     # token t is predicted at t-1
         h = hidden[:, :-1][select]                                    # (N, D)
         weight = self.model.lm_head_weight()
         loss = F.cross_entropy((h @ weight.t()).float(), input_ids[:, 1:][select], reduction="sum")
-        align = loss.new_zeros(())
+        aux = {"align": loss.new_zeros(())}
         if align_labels is not None and audio is not None:
             keep = align_labels >= 0                                  # (N_audio,)
-            align = F.cross_entropy((audio[keep] @ weight.t()).float(), align_labels[keep], reduction="sum")
-        return loss, align, ground_loss, mention_loss
+            aux["align"] = F.cross_entropy((audio[keep] @ weight.t()).float(), align_labels[keep], reduction="sum")
+        aux.update({kind: self._losses.get(kind, loss.new_zeros(())) for kind in self.heads})
+        return loss, aux
 
 
 def freeze(model, cfg):
@@ -774,9 +808,17 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and dist.device.type == "cuda" else nullcontext()
     ground_ids = torch.tensor(time_piece_ids(tok, "ground_weight")) if cfg.ground_weight > 0 else None
     ground_skips = data.Skips("ground targets")
-    step_module = runlib.wrap_model(SFTLoss(model, cfg.ground_head, -1 if cfg.ground_weight > 0 else None,
-                                            cfg.mention_layer if cfg.mention_weight > 0 else None), dist,
-                                    cfg.strategy,
+    # auxiliary losses: their weights, and the (decoder layer, head) that each grounding loss supervises
+    weights = {"align": cfg.align_weight, "ground": cfg.ground_weight, "digit": cfg.digit_weight,
+               "mention": cfg.mention_weight}
+    heads = {**({"ground": (-1, cfg.ground_head)} if cfg.ground_weight > 0 else {}),
+             **({"digit": (-1, cfg.digit_head)} if cfg.ground_weight > 0 and cfg.digit_weight > 0 else {}),
+             **({"mention": (cfg.mention_layer, cfg.ground_head)} if cfg.mention_weight > 0 else {})}
+    aux = [kind for kind in weights if kind in heads or (kind == "align" and cfg.align_weight > 0)]
+
+    def count(b, kind):                                               # a micro-batch's targets of one loss
+        return int((b["align_labels"] >= 0).sum()) if kind == "align" else len(b["targets"][kind])
+    step_module = runlib.wrap_model(SFTLoss(model, heads), dist, cfg.strategy,
                                     param_dtype=torch.bfloat16 if use_bf16 and cfg.strategy == "fsdp" else None)
     params = [p for p in step_module.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -840,51 +882,49 @@ def main(argv=None):
             if cfg.align_weight > 0:
                 b["align_labels"] = align_labels([g[0] for g in groups], b["input_ids"], model.audio_token_id,
                                                  words_of)
+            targets = {}
             if ground_ids is not None:
-                b["ground"] = ground_targets(groups, b["input_ids"], b["loss_mask"], model.audio_token_id, ground_ids,
-                                             cfg.ground_seconds, ground_skips)
+                times, digits = ground_targets(groups, b["input_ids"], b["loss_mask"], model.audio_token_id,
+                                               ground_ids, cfg.ground_seconds, ground_skips)
+                targets = {"ground": times, **({"digit": digits} if "digit" in heads else {})}
             if cfg.mention_weight > 0:
-                b["mentions"] = mention_targets(groups, b["input_ids"], model.audio_token_id, words_of, tok,
-                                                mention_stop)
-        # normalise by the answer tokens (aligned audio tokens, grounded times, mentions) of the whole global
-        # batch: 1 and N processes agree
-        counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
-                               float(sum((b["align_labels"] >= 0).sum() for b in batches if "align_labels" in b)),
-                               float(sum(len(b["ground"]) for b in batches if "ground" in b)),
-                               float(sum(len(b["mentions"]) for b in batches if "mentions" in b))],
+                targets["mention"] = mention_targets(groups, b["input_ids"], model.audio_token_id, words_of, tok,
+                                                     mention_stop)
+            b["targets"] = targets
+        # normalise each loss by its count over the whole global batch (answer tokens, aligned audio tokens,
+        # grounded times and digits, mentions): 1 and N processes agree
+        counts = torch.tensor([float(sum(b["loss_mask"][:, 1:].sum() for b in batches))]
+                              + [float(sum(count(b, kind) for b in batches)) for kind in aux],
                               dtype=torch.float64, device=dist.device)
-        n_answer, n_aligned, n_ground, n_mention = runlib.all_reduce_sum(counts, dist).tolist()
-        loss_sum, align_sum, ground_sum, mention_sum, n_tokens, bad_batch = 0.0, 0.0, 0.0, 0.0, 0, None
+        n_answer, *n_aux = runlib.all_reduce_sum(counts, dist).tolist()
+        n_aux = dict(zip(aux, n_aux))
+        loss_sum, aux_sums, n_tokens, bad_batch = 0.0, dict.fromkeys(aux, 0.0), 0, None
         for k, (mb, batch) in enumerate(zip(micro, batches)):
+            targets = {kind: v.to(dist.device) for kind, v in batch["targets"].items()}
             batch = {key: v.to(dist.device) for key, v in batch.items() if torch.is_tensor(v)}
             runlib.set_grad_sync(step_module, k == len(batches) - 1)
             with autocast:
-                loss, align, ground, mention = step_module(
+                loss, losses = step_module(
                     batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("input_features"),
                     batch.get("feature_attention_mask"), batch.get("align_labels"), batch.get("position_ids"),
-                    batch.get("ground"), batch.get("mentions"))
+                    targets)
             # DDP/FSDP average gradients over ranks; scale so the result is the global-token mean
-            total = loss / n_answer + (cfg.align_weight * align / n_aligned if n_aligned else 0.0) \
-                + (cfg.ground_weight * ground / n_ground if n_ground else 0.0) \
-                + (cfg.mention_weight * mention / n_mention if n_mention else 0.0)
+            total = loss / n_answer + sum(weights[kind] * losses[kind] / n_aux[kind] for kind in aux if n_aux[kind])
             (total * dist.world_size).backward()
             loss_sum += loss.item()
-            align_sum += align.item()
-            ground_sum += ground.item()
-            mention_sum += mention.item()
-            if not math.isfinite(loss.item() + align.item() + ground.item() + mention.item()) and bad_batch is None:
+            values = {kind: losses[kind].item() for kind in aux}
+            for kind in aux:
+                aux_sums[kind] += values[kind]
+            if not math.isfinite(loss.item() + sum(values.values())) and bad_batch is None:
                 bad_batch = [examples[i].get("id", examples[i]["audio"]) for u in mb for i in units[u]]
             n_tokens += int(batch.get("token_mask", batch["attention_mask"]).sum())
         n_examples = sum(len(units[u]) for u in indices)
-        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), align_sum, ground_sum, mention_sum],
+        stats = runlib.all_reduce_sum(torch.tensor([loss_sum, float(n_tokens), *aux_sums.values()],
                                                    dtype=torch.float64, device=dist.device), dist)
         loss_value = stats[0].item() / n_answer
-        align_value = stats[2].item() / n_aligned if n_aligned else 0.0
-        ground_value = stats[3].item() / n_ground if n_ground else 0.0
-        mention_value = stats[4].item() / n_mention if n_mention else 0.0
-        for value, what in ((align_value, "alignment loss"), (ground_value, "grounding loss"),
-                            (mention_value, "mention grounding loss")):
-            runlib.check_finite(value, what, step + 1, f"batch at data position {position}")
+        extra = {kind: stats[2 + i].item() / n_aux[kind] if n_aux[kind] else 0.0 for i, kind in enumerate(aux)}
+        for kind, value in extra.items():
+            runlib.check_finite(value, f"{kind} loss", step + 1, f"batch at data position {position}")
         runlib.check_finite(loss_value, "loss", step + 1,
                             f"batch at data position {position}" + (f", first bad micro-batch {bad_batch}" if bad_batch else ""))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -895,9 +935,6 @@ def main(argv=None):
         step += 1
         position += global_bs
         dt = time.time() - t0
-        extra = {**({"align": align_value} if cfg.align_weight > 0 else {}),
-                 **({"ground": ground_value} if ground_ids is not None else {}),
-                 **({"mention": mention_value} if cfg.mention_weight > 0 else {})}
         record = {"step": step, "loss": loss_value, **{f"{k}_loss": v for k, v in extra.items()},
                   "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": stats[1].item() / dt, "samples_per_s": n_examples / dt,

@@ -187,7 +187,7 @@ def tiny_lalm(corpus, tmp_path_factory):
 
 def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_lalm):
     """collate_packed (one row per clip, examples as branches behind one copy of the audio) is an exact
-    rewrite of collate_sft: same summed loss, same alignment loss, same grounding losses (times and mentions),
+    rewrite of collate_sft: same summed loss, same alignment loss, same grounding losses (times, digits, mentions),
     same gradients (fp32, 1e-5 relative)."""
     import data
     import tokenizer as tokenizer_lib
@@ -197,23 +197,22 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
     assert all(len({examples[i]["audio"] for i in u}) == 1 for u in units) and max(map(len, units)) > 3
     groups = [[examples[i] for i in u] for u in units[:3]]
     words_of = train_sta.word_times(corpus, tok)
-    step = train_sta.SFTLoss(model, ground_head=1, mention_layer=0)
+    step = train_sta.SFTLoss(model, {"ground": (-1, 1), "digit": (-1, 0), "mention": (0, 1)})
     time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
     stop = train_sta.stop_words()
 
     def run(batch, firsts, groups):
         labels = train_sta.align_labels(firsts, batch["input_ids"], model.audio_token_id, words_of)
         skips = data.Skips("ground")
-        ground = train_sta.ground_targets(groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id,
-                                          time_ids, 0.12, skips)
-        mentions = train_sta.mention_targets(groups, batch["input_ids"], model.audio_token_id, words_of, tok,
-                                             stop)
-        assert len(skips) == 0 and len(ground) > 10 and len(mentions) > 10
-        loss, align, ground_loss, mention_loss = step(batch["input_ids"], batch["attention_mask"],
-                                                      batch["loss_mask"], batch["input_features"],
-                                                      batch["feature_attention_mask"], labels,
-                                                      batch.get("position_ids"), ground, mentions)
-        return loss.item(), align.item(), (ground_loss.item(), mention_loss.item()), (len(ground), len(mentions))
+        targets = dict(zip(("ground", "digit"), train_sta.ground_targets(
+            groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id, time_ids, 0.12, skips)))
+        targets["mention"] = train_sta.mention_targets(groups, batch["input_ids"], model.audio_token_id, words_of,
+                                                       tok, stop)
+        assert len(skips) == 0 and all(len(v) > 10 for v in targets.values())
+        loss, aux = step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
+                         batch["feature_attention_mask"], labels, batch.get("position_ids"), targets)
+        grounding = tuple(aux[k].item() for k in ("ground", "digit", "mention"))
+        return loss.item(), aux["align"].item(), grounding, tuple(len(v) for v in targets.values())
 
     packed = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
     flat = [ex for g in groups for ex in g]
@@ -224,8 +223,8 @@ def test_packed_rows_give_the_loss_and_gradients_of_separate_rows(corpus, tiny_l
     loss_p, align_p, ground_p, n_p = run(packed, [g[0] for g in groups], groups)
     loss_s, align_s, ground_s, n_s = run(separate, flat, [[ex] for ex in flat])
     assert loss_p == pytest.approx(loss_s, rel=1e-5)
-    assert n_p == n_s and ground_p == pytest.approx(ground_s, rel=1e-5)     # every time and mention, packed or
-                                                                            # not
+    assert n_p == n_s and ground_p == pytest.approx(ground_s, rel=1e-5)     # every time, digit and mention,
+                                                                            # packed or not
     # alignment: each clip's frames count once packed, once per example in separate rows
     per_clip = [run(data.collate_packed([g], tok, "qwen2_audio", 80, False), [g[0]], [g])[1] for g in groups]
     assert align_p == pytest.approx(sum(per_clip), rel=1e-5)
@@ -254,9 +253,9 @@ def test_align_labels_mark_the_word_under_each_audio_token():
 
 
 def test_ground_targets_point_each_time_at_its_audio(tiny_lalm):
-    """The position before each time piece should attend to the audio tokens whose centres lie in [t, t + 0.12)
-    for a start and [t - 0.12, t) for an end; a transcript's times are all starts; a row whose time pieces do
-    not match its answers' times is skipped and counted."""
+    """The position before each time piece (start, end or word onset) should attend to the audio tokens whose
+    centres lie in [t, t + 0.12), the piece itself (predicting the digit) to the one token whose centre is the
+    first at or after t; a row whose time pieces do not match its answers' times is skipped and counted."""
     import data
     import tokenizer as tokenizer_lib
     model, tok, _ = tiny_lalm
@@ -275,13 +274,17 @@ def test_ground_targets_point_each_time_at_its_audio(tiny_lalm):
     ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
     mask = torch.tensor([m + [False] * (n - len(m)) for m in masks])
     skips = data.Skips("ground")
-    got = train_sta.ground_targets([[sta], [words], [sta]], ids, mask, audio_id, time_ids, 0.12, skips)
+    times, digits = train_sta.ground_targets([[sta], [words], [sta]], ids, mask, audio_id, time_ids, 0.12, skips)
     pieces = [[i for i in range(n) if mask[b, i] and int(ids[b, i]) in time_ids.tolist()] for b in range(2)]
     assert [tok.decode([int(ids[0, i])]) for i in pieces[0]] == ["0.2", "0.3"]
-    # centres (k + 0.5) * 0.04 of audio token k (position k + 1): start 0.20 -> k 5..7, end 0.36 -> k 6..8;
+    # centres (k + 0.5) * 0.04 of audio token k (position k + 1): start 0.20 -> k 5..7, end 0.36 -> k 9..11;
     # onsets 0.08 -> k 2..4, 0.50 -> k 12..14
-    assert got.tolist() == [[0, pieces[0][0] - 1, 6, 9], [0, pieces[0][1] - 1, 7, 10],
-                            [1, pieces[1][0] - 1, 3, 6], [1, pieces[1][1] - 1, 13, 16]]
+    assert times.tolist() == [[0, pieces[0][0] - 1, 6, 9], [0, pieces[0][1] - 1, 10, 13],
+                              [1, pieces[1][0] - 1, 3, 6], [1, pieces[1][1] - 1, 13, 16]]
+    # digits: 0.20 -> k 5 (starts at 0.20 s), 0.36 -> k 9 (0.36 s), 0.08 -> k 2 (0.08 s), 0.50 -> k 12 (centre
+    # 0.50 s, starts at 0.48 s: the time embedding names it "0.4" "8")
+    assert digits.tolist() == [[0, pieces[0][0], 6, 7], [0, pieces[0][1], 10, 11],
+                               [1, pieces[1][0], 3, 4], [1, pieces[1][1], 13, 14]]
     assert skips.counts == {"time pieces != answer times": 1} and skips.total == 3
 
 
@@ -300,33 +303,38 @@ def test_ground_loss_is_minus_log_attention_mass_on_the_target_audio(corpus, tin
     groups = [[examples[i] for i in u] for u in units[:2]]
     batch = data.collate_packed(groups, tok, "qwen2_audio", 80, False)
     time_ids = torch.tensor([tok.token_to_id(p) for p in tokenizer_lib.TIME_PIECES])
-    ground = train_sta.ground_targets(groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id,
-                                      time_ids, 0.12, data.Skips("ground"))
-    mentions = train_sta.mention_targets(groups, batch["input_ids"], model.audio_token_id,
-                                         train_sta.word_times(corpus, tok), tok, train_sta.stop_words())
-    assert len(ground) > 5 and len(mentions) > 5
-    head = 1
-    step = train_sta.SFTLoss(model, ground_head=head, mention_layer=0)
+    targets = dict(zip(("ground", "digit"), train_sta.ground_targets(
+        groups, batch["input_ids"], batch["loss_mask"], model.audio_token_id, time_ids, 0.12, data.Skips("ground"))))
+    targets["mention"] = train_sta.mention_targets(groups, batch["input_ids"], model.audio_token_id,
+                                                   train_sta.word_times(corpus, tok), tok, train_sta.stop_words())
+    assert all(len(v) > 5 for v in targets.values())
+    heads = {"ground": (-1, 1), "digit": (-1, 0), "mention": (0, 1)}
+    step = train_sta.SFTLoss(model, heads)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["input_features"],
               batch["feature_attention_mask"], None, batch["position_ids"])
-    for targets in ((ground, None), (None, mentions)):
+    for kind in heads:
         model.zero_grad()
-        _, _, ground_loss, mention_loss = step(*inputs, *targets)
-        (ground_loss + mention_loss).backward()
+        _, aux = step(*inputs, {kind: targets[kind]})
+        assert [k for k, v in aux.items() if v.item() != 0] == [kind]
+        aux[kind].backward()
         assert model.audio_tower.conv1.weight.grad.abs().sum() > 0
-    _, _, ground_loss, mention_loss = step(*inputs, ground, mentions)
+    _, aux = step(*inputs, targets)
     with torch.no_grad():
         _, attentions = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"], input_features=batch["input_features"],
                               feature_attention_mask=batch["feature_attention_mask"], output_attentions=True)
-    for loss, targets, layer in ((ground_loss, ground, -1), (mention_loss, mentions, 0)):
+    for kind, (layer, head) in heads.items():
         probs = attentions[layer][:, head]                            # (B, T, T)
-        expected = -sum(torch.log(probs[b, q, lo:hi].sum()) for b, q, lo, hi in targets.tolist())
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        expected = -sum(torch.log(probs[b, q, lo:hi].sum()) for b, q, lo, hi in targets[kind].tolist())
+        assert aux[kind].item() == pytest.approx(expected.item(), rel=1e-5)
     # without targets the losses are zero and the hooks do nothing
-    assert [x.item() for x in step(*inputs)[2:]] == [0.0, 0.0]
+    assert [x.item() for x in step(*inputs)[1].values()] == [0.0] * 4
     with pytest.raises(ValueError, match="mention layer 2 not in"):
-        train_sta.SFTLoss(model, ground_head=head, mention_layer=2)
+        train_sta.SFTLoss(model, {"mention": (2, 0)})
+    with pytest.raises(ValueError, match="digit head 2 not in"):
+        train_sta.SFTLoss(model, {"digit": (-1, 2)})
+    with pytest.raises(ValueError, match=r"targets for \['digit'\]"):
+        train_sta.SFTLoss(model, {"ground": (-1, 0)})(*inputs, {"digit": targets["digit"]})
 
 
 def test_mention_targets_point_each_mention_at_its_word(tiny_lalm):
@@ -359,9 +367,10 @@ def test_mention_targets_point_each_mention_at_its_word(tiny_lalm):
     assert {"and", "the", "segment", "seconds", "has"} <= train_sta.stop_words()
 
 
-def test_audio_time_embedding_adds_each_audio_tokens_time_piece(tiny_lalm, tmp_path):
-    """model.LALM.audio_time_rows: audio token k of each run of placeholders gets scale x the input embedding of
-    the piece of its centre (k + 0.5) * 0.04 s; text tokens get nothing; the config key survives a save/load."""
+def test_audio_time_embedding_adds_each_audio_tokens_start_time(tiny_lalm, tmp_path):
+    """model.LALM.audio_time_rows: audio token k of each run of placeholders gets scale x the input embeddings
+    of the time piece and the hundredths digit of its start 0.04 k s; text tokens get nothing; the config key
+    survives a save/load; a digit list that is not ten tokens is refused."""
     import model as model_lib
     import tokenizer as tokenizer_lib
     model, tok, _ = tiny_lalm
@@ -375,13 +384,18 @@ def test_audio_time_embedding_adds_each_audio_tokens_time_piece(tiny_lalm, tmp_p
         model.time_embedding = None
         plain = model.embed(ids, audio_embeds=audio)
         model.time_embedding = model.config["audio_time_embedding"]
-    # centres 0.02, 0.06, 0.10, ... s; the second clip starts again at 0
-    pieces = ["0.0", "0.0", "0.1", "0.1", "0.1", "0.2", "0.2", "0.3", "0.3", "0.0", "0.0", "0.1"]
+    # starts 0.00, 0.04, 0.08, 0.12, ... s; the second clip starts again at 0
+    times = ["0.00", "0.04", "0.08", "0.12", "0.16", "0.20", "0.24", "0.28", "0.32", "0.00", "0.04", "0.08"]
     E = model.language_model.embed_tokens.weight
-    added = torch.stack([10.0 * E[tok.token_to_id(p)] for p in pieces])
+    added = torch.stack([10.0 * (E[tok.token_to_id(s[:3])] + E[tok.token_to_id(s[3])]) for s in times])
+    assert [tok.decode([i]) for i in tok.encode("0.28")] == ["0.2", "8"]         # how an answer writes it
     slots = ids[0] == a
     assert torch.allclose(got[0, slots] - plain[0, slots], added, atol=1e-6)
     assert torch.equal(got[0, ~slots], plain[0, ~slots])
     assert tokenizer_lib.TIME_PIECES[3] == "0.3"
     model_lib.save_pretrained(model, str(tmp_path / "m"))
     assert model_lib.from_pretrained(str(tmp_path / "m")).time_embedding == model.time_embedding
+    config = json.load(open(tmp_path / "m" / "config.json"))
+    config["audio_time_embedding"]["digit_token_ids"] = config["audio_time_embedding"]["digit_token_ids"][:9]
+    with pytest.raises(ValueError, match="digit_token_ids must be the 10 tokens"):
+        model_lib.build_lalm(config)

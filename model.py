@@ -456,21 +456,25 @@ class LALM(nn.Module):
         seconds_per_token (the tiny default's "0.0" .. "29.9" pieces, tokenizer.TIME_PIECES); digit_token_ids,
         the tokens "0" .. "9", add the hundredths digit. Audio token k of a run of placeholders (one clip) covers
         [k, k + 1) x 0.04 s and is named by its start 0.04 k the way an answer writes that time: k = 14 gets
-        "0.5" + "6" (0.56 s), k = 0, 1, 2 get "0.0" + "0", "4", "8". So the decoder can read the time of an audio
-        token it attends to from the token itself (with RoPE the values carry no position), which the tiny
-        default needs to write timestamps (train_sta.py). Not part of the released architectures (transformers'
-        Qwen2-Audio ignores this config key); absent from their configs, so released checkpoints are
-        unaffected."""
+        "0.5" + "6" (0.56 s), k = 0, 1, 2 get "0.0" + "0", "4", "8". Without digit_token_ids (the configs of
+        sessions 10-11) it gets the piece of its centre alone: "0.0" for k = 0, 1, "0.1" for k = 2 .. 4, ...
+        So the decoder can read the time of an audio token it attends to from the token itself (with RoPE the
+        values carry no position), which the tiny default needs to write timestamps (train_sta.py). Not part of
+        the released architectures (transformers' Qwen2-Audio ignores this config key); absent from their
+        configs, so released checkpoints are unaffected."""
         c = self.time_embedding
         count = slots.long().cumsum(-1)                                                  # (B, T)
         before_run = torch.where(slots, 0, count).cummax(-1).values                    # count at the run's start
         k = (count - before_run - 1)[slots]                                            # index within the run
-        hundredths = k * round(SECONDS_PER_AUDIO_TOKEN * 100)                          # 4 k, exact
-        piece = hundredths // round(c["seconds_per_token"] * 100)
         embed = self.language_model.embed_ids
-        rows = embed(c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1))
-        if c.get("digit_token_ids") is not None:
-            rows = rows + embed(torch.tensor(c["digit_token_ids"], device=k.device)[hundredths % 10])
+        if c.get("digit_token_ids") is None:
+            # a config without digits (sessions 10-11): the piece of the token's centre (k + 0.5) x 0.04 s;
+            # + 1e-6: a centre exactly on a piece boundary (0.30 s) belongs to the later piece despite rounding
+            piece = ((k + 0.5) * (SECONDS_PER_AUDIO_TOKEN / c["seconds_per_token"]) + 1e-6).long()
+            return embed(c["first_token_id"] + piece.clamp(max=c["num_tokens"] - 1)) * c["scale"]
+        hundredths = k * round(SECONDS_PER_AUDIO_TOKEN * 100)                          # 4 k, exact
+        rows = embed(c["first_token_id"] + (hundredths // 10).clamp(max=c["num_tokens"] - 1))
+        rows = rows + embed(torch.tensor(c["digit_token_ids"], device=k.device)[hundredths % 10])
         return rows * c["scale"]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, input_features=None,

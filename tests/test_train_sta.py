@@ -70,6 +70,7 @@ def test_tiny_run_learns_and_checkpoint_loads(corpus, tmp_path, capsys):
     steps, ls, rows = losses(out)
     assert steps == list(range(1, 15))
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.3, ls
+    assert all(r[f"{kind}_loss"] > 0 for r in rows for kind in ("align", "ground", "digit", "mention"))
     assert "eval_mean_iou" in rows[-1] and 0.0 <= rows[-1]["eval_mean_iou"] <= 1.0
     printed = capsys.readouterr().out
     assert "step 14/14 | loss " in printed and "| lr " in printed and "| grad " in printed and "tok/s" in printed
@@ -83,6 +84,16 @@ def test_tiny_run_learns_and_checkpoint_loads(corpus, tmp_path, capsys):
     assert tok.token_to_id("1.5") in ids and tok.decode(ids, skip_special_tokens=True) == "starts at 1.55 seconds"
     meta = runlib.load_meta(latest)
     assert meta["step"] == 14 and meta["data_position"] == 14 * 4 and meta["config"]["max_steps"] == 14
+
+
+def test_each_grounding_loss_runs_alone(corpus, tmp_path):
+    """The digit loss needs no time loss (its targets come from the same time pieces); a loss at weight 0 is
+    neither computed nor logged."""
+    out = str(tmp_path / "digits")
+    train_sta.main(args(corpus, out, "--max_steps=2", "--batch_size=2", "--eval_every=100", "--save_every=100",
+                        "--align_weight=0", "--ground_weight=0", "--mention_weight=0", "--digit_weight=0.5"))
+    rows = losses(out)[2]
+    assert all(r["digit_loss"] > 0 and not {"align_loss", "ground_loss", "mention_loss"} & set(r) for r in rows)
 
 
 def test_resume_repeats_the_uninterrupted_run(corpus, tmp_path):
@@ -264,8 +275,10 @@ def test_ground_targets_point_each_time_at_its_audio(tiny_lalm):
     sta = {"audio": "a.wav", "question": "q",
            "answer": "The segment x starts at 0.20 seconds and ends at 0.36 seconds."}
     words = {"audio": "a.wav", "question": train_sta.TRANSCRIBE_QUESTION, "answer": "i 0.08 see 0.50"}
+    last = {"audio": "a.wav", "question": "q",
+            "answer": "The segment y starts at 0.60 seconds and ends at 0.80 seconds."}   # ends the 0.8 s clip
     rows, masks = [], []
-    for ex in (sta, words, sta):
+    for ex in (sta, words, sta, last):
         answer = tok.encode(ex["answer"])
         rows.append([1] + [audio_id] * 20 + answer)               # audio tokens at positions 1..20 (0.8 s)
         masks.append([False] * 21 + [True] * len(answer))
@@ -274,18 +287,21 @@ def test_ground_targets_point_each_time_at_its_audio(tiny_lalm):
     ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
     mask = torch.tensor([m + [False] * (n - len(m)) for m in masks])
     skips = data.Skips("ground")
-    times, digits = train_sta.ground_targets([[sta], [words], [sta]], ids, mask, audio_id, time_ids, 0.12, skips)
-    pieces = [[i for i in range(n) if mask[b, i] and int(ids[b, i]) in time_ids.tolist()] for b in range(2)]
+    times, digits = train_sta.ground_targets([[sta], [words], [sta], [last]], ids, mask, audio_id, time_ids, 0.12,
+                                             skips)
+    pieces = [[i for i in range(n) if mask[b, i] and int(ids[b, i]) in time_ids.tolist()] for b in range(4)]
     assert [tok.decode([int(ids[0, i])]) for i in pieces[0]] == ["0.2", "0.3"]
     # centres (k + 0.5) * 0.04 of audio token k (position k + 1): start 0.20 -> k 5..7, end 0.36 -> k 9..11;
     # onsets 0.08 -> k 2..4, 0.50 -> k 12..14
+    # the end 0.80 has no audio token from t on: read from the clip's last tokens [0.68, 0.80) -> k 17..19, no digit
     assert times.tolist() == [[0, pieces[0][0] - 1, 6, 9], [0, pieces[0][1] - 1, 10, 13],
-                              [1, pieces[1][0] - 1, 3, 6], [1, pieces[1][1] - 1, 13, 16]]
+                              [1, pieces[1][0] - 1, 3, 6], [1, pieces[1][1] - 1, 13, 16],
+                              [3, pieces[3][0] - 1, 16, 19], [3, pieces[3][1] - 1, 18, 21]]
     # digits: 0.20 -> k 5 (starts at 0.20 s), 0.36 -> k 9 (0.36 s), 0.08 -> k 2 (0.08 s), 0.50 -> k 12 (centre
     # 0.50 s, starts at 0.48 s: the time embedding names it "0.4" "8")
     assert digits.tolist() == [[0, pieces[0][0], 6, 7], [0, pieces[0][1], 10, 11],
-                               [1, pieces[1][0], 3, 4], [1, pieces[1][1], 13, 14]]
-    assert skips.counts == {"time pieces != answer times": 1} and skips.total == 3
+                               [1, pieces[1][0], 3, 4], [1, pieces[1][1], 13, 14], [3, pieces[3][0], 16, 17]]
+    assert skips.counts == {"time pieces != answer times": 1} and skips.total == 4
 
 
 def test_ground_loss_is_minus_log_attention_mass_on_the_target_audio(corpus, tiny_lalm):
@@ -393,6 +409,14 @@ def test_audio_time_embedding_adds_each_audio_tokens_start_time(tiny_lalm, tmp_p
     assert torch.allclose(got[0, slots] - plain[0, slots], added, atol=1e-6)
     assert torch.equal(got[0, ~slots], plain[0, ~slots])
     assert tokenizer_lib.TIME_PIECES[3] == "0.3"
+    # a config without digits (sessions 10-11's checkpoints): the piece of each token's centre, as trained
+    model.time_embedding = {k: v for k, v in model.config["audio_time_embedding"].items() if k != "digit_token_ids"}
+    with torch.no_grad():
+        old = model.embed(ids, audio_embeds=audio)
+    model.time_embedding = model.config["audio_time_embedding"]
+    centres = ["0.0", "0.0", "0.1", "0.1", "0.1", "0.2", "0.2", "0.3", "0.3", "0.0", "0.0", "0.1"]  # 0.02, 0.06 ..
+    assert torch.allclose(old[0, slots] - plain[0, slots], torch.stack([10.0 * E[tok.token_to_id(p)] for p in centres]),
+                          atol=1e-6)
     model_lib.save_pretrained(model, str(tmp_path / "m"))
     assert model_lib.from_pretrained(str(tmp_path / "m")).time_embedding == model.time_embedding
     config = json.load(open(tmp_path / "m" / "config.json"))

@@ -37,6 +37,8 @@ API (stable; the training scripts import exactly these names)
                                                      a plain copy of model holding that gathered state
     latest_checkpoint(ckpt_dir) -> str | None        resolved path of `latest`, None if there is none
     load_meta(path) -> dict                          meta.json of a checkpoint
+    check_resume(path, meta, cfg, free)              ValueError naming every setting outside `free` that
+                                                     differs from the config the checkpoint was saved with
     load_optimizer(path, model, optimizer, dist)     restore optimizer state (DDP/single: optim.pt; FSDP2: full
                                                      state dict scattered to the shards)
     rng_state() -> dict / set_rng_state(state)       python, numpy, torch CPU (+CUDA) generators
@@ -442,6 +444,22 @@ def latest_checkpoint(ckpt_dir: str):
 def load_meta(path: str) -> dict:
     with open(os.path.join(path, "meta.json")) as f:
         return json.load(f)
+
+
+def check_resume(path: str, meta: dict, cfg, free) -> None:
+    """A run resumes only under the recipe it was saved with, so that it repeats the uninterrupted run.
+    `free` names the settings that do not change what is trained (where to write, how often to log, evaluate
+    or save); any other difference, a setting added or removed since the save included, is a ValueError that
+    lists them all, before anything is loaded."""
+    saved, now = meta.get("config", {}), json.loads(json.dumps(config_dict(cfg)))   # both as JSON values
+    absent = "(absent)"
+    changed = [f"{key}: {saved.get(key, absent)!r} -> {now.get(key, absent)!r}"
+               for key in sorted(set(saved) | set(now))
+               if key not in free and saved.get(key, absent) != now.get(key, absent)]
+    if changed:
+        raise ValueError(f"{path} was saved by a run with other settings; resuming it would not repeat that "
+                         "run:\n  " + "\n  ".join(changed) + "\nRun again with the saved settings (they are in "
+                         "its meta.json), or start a new run in another --out_dir.")
 
 
 def load_optimizer(path: str, model: nn.Module, optimizer, dist: Dist):

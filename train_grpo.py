@@ -31,7 +31,8 @@ Paper runs (8 GPUs, per-GPU batch 8 completions, grad accumulation 4, G 8, lr 5e
     torchrun --standalone --nproc_per_node=8 train_grpo.py --config configs/grpo_qwen2_audio.json
   Any key can be overridden (--train_data=/data/qa.jsonl --init_from=out/sta_qwen2_5_omni/ckpt/latest).
   Re-running the same command resumes from <out_dir>/ckpt/latest and reproduces the uninterrupted run
-  (rollout seeds are a function of (seed, step, prompt), the data order of (seed, step)).
+  (rollout seeds are a function of (seed, step, prompt), the data order of (seed, step)); a re-run that
+  changes the recipe is refused with the list of changed settings (resume_free: the ones it may change).
 
 One step = `device_batch_size * grad_accum / group_size` prompts per process, rolled out, scored, then `mu`
 optimizer steps over those completions in micro-batches of `device_batch_size`. Rollouts are sharded across
@@ -150,6 +151,16 @@ class Config:
     resume: bool = True
     time_limit: float = 14.0                            # minutes; stop, evaluate and save after this (0 = none)
     log_every: int = 1
+
+
+def resume_free(cfg) -> set:
+    """Settings a run may change when it resumes (runlib.check_resume; any other change is an error): where
+    it writes, how often it logs, evaluates (greedy), dumps and saves, its speed knobs, when it stops; and
+    num_steps while the lr is constant after warmup (min_lr < 0), as nothing then depends on it."""
+    free = {"out_dir", "device", "threads", "resume", "log_every", "save_every", "keep_last", "eval_every",
+            "eval_data", "eval_n", "eval_batch_size", "eval_max_new_tokens", "dump_every", "dump_n", "time_limit",
+            "compile_rollout"}
+    return free | {"num_steps"} if cfg.min_lr < 0 else free
 
 
 # ---------------------------------------------------------------------------
@@ -462,6 +473,8 @@ def main(argv=None):
         raise FileNotFoundError(f"init_from {cfg.init_from!r} has no config.json: train Stage 1 first "
                                 f"(tiny default: python train_sta.py) or pass --init_from=<checkpoint dir>")
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if latest:
+        runlib.check_resume(latest, runlib.load_meta(latest), cfg, resume_free(cfg))
     on_gpu = dist.device.type == "cuda"
     use_bf16 = cfg.dtype == "bfloat16" and on_gpu
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()

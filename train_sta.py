@@ -13,11 +13,11 @@ Built-in tiny default (CPU, no download):
   scores it on the held-out pairs. Measured (2026-11-23 session 12, 2 CPU cores, 2 threads, the pipeline's run):
   1200 steps x 8 clips (~53 examples) in 13.9 min (median 0.67 s a step, ~80 examples/s, ~5,000 tokens/s;
   tokenizer and data loading included); held-out mean IoU 0.743 (800 pairs, seed 1; 71.9 % >= 0.7, 80.0 % >= 0.5,
-  SED-F1 0.72; 0.740 in the prototype's run of 1300 steps). 1300 steps took 14.0-16.9 min in sessions 10-12 as
-  the host's speed varied (0.62-0.74 s a step), so the default stops at 1200. Session 11's recipe, without (h)
-  and (e)'s digits and with ends read before them: 0.67-0.68 (three runs); session 10's, without (g) as well:
-  0.60 (0.58-0.61 in three runs); session 6's, without (e), (f), (g): 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100
-  steps 0.45, and 0.47 with --seed=2.
+  SED-F1 0.72; 0.740 in the prototype's run of 1300 steps; --seed=2: 0.739 in 12.4 min, 72.8 % >= 0.7).
+  1300 steps took 14.0-16.9 min in sessions 10-12 as the host's speed varied (0.62-0.74 s a step), so the
+  default stops at 1200. Session 11's recipe, without (h) and (e)'s digits and with ends read before them:
+  0.67-0.68 (three runs); session 10's, without (g) as well: 0.60 (0.58-0.61 in three runs); session 6's,
+  without (e), (f), (g): 0.48 (37 % >= 0.7, SED-F1 0.42); with 1100 steps 0.45, and 0.47 with --seed=2.
   Session 12 ((h), digits in (e), ends read after them in (f)): with the right time piece, the written
   hundredths had been a guess (exact 9-11 %, mean error 3.0 hundredths: chance), and 30 % of the start pieces
   were one off. Runs of 1300 steps, 800 pairs each: the audio tokens named to the hundredth, and both the piece
@@ -132,9 +132,10 @@ Paper runs (released 7B LALMs; 8 GPUs x per-GPU batch 8 x grad accumulation 4, l
   data_dir holds sta.jsonl (data.py sta builds it from word-timestamp files). Any key can be overridden with
   --key=value; unknown keys and wrong types are errors. Re-running the same command resumes from
   <out_dir>/ckpt/latest and reproduces the uninterrupted run's losses (weights, AdamW state, data position,
-  RNG states are all in the checkpoint). Multi-process runs shard each global batch deterministically
-  (micro-batch j of a step goes to rank j % world), so 1 process x accumulation 2k gives the losses of
-  2 processes x accumulation k; rank 0 alone logs and saves.
+  RNG states are all in the checkpoint); a re-run that changes the recipe (lr, max_steps, a loss weight, ...)
+  is refused with the list of changed settings (RESUME_FREE: the ones it may change). Multi-process runs
+  shard each global batch deterministically (micro-batch j of a step goes to rank j % world), so 1 process x
+  accumulation 2k gives the losses of 2 processes x accumulation k; rank 0 alone logs and saves.
 
 Output: one greppable line per step (`step 120/1500 | loss 0.71 | lr 1.9e-03 | grad 0.66 | tok/s 2950 |
 samples/s 18.1 | 160.3 s`), a tqdm bar on a terminal, <out_dir>/metrics.jsonl (one JSON line per step), and
@@ -300,6 +301,12 @@ class Config:
     resume: bool = True                     # continue from out_dir/ckpt/latest when it exists
     stop_at: int = 0                        # stop after this step (0: max_steps) keeping the schedule of max_steps
     log_every: int = 1
+
+
+# settings a run may change when it resumes: they do not change what is trained (greedy evaluation draws no
+# random numbers); any other change is an error (runlib.check_resume)
+RESUME_FREE = {"out_dir", "device", "resume", "stop_at", "log_every", "save_every", "keep_last", "eval_every",
+               "eval_n", "eval_batch_size", "max_new_tokens", "eval_data_dir", "eval_synth_n", "eval_synth_seed"}
 
 
 # ---------------------------------------------------------------------------
@@ -780,6 +787,8 @@ def main(argv=None):
     units = training_units(examples, cfg.pack)
     unit_info = [examples[u[0]] for u in units]                       # a unit's audio (duration) for bucketing
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if latest:
+        runlib.check_resume(latest, runlib.load_meta(latest), cfg, RESUME_FREE)
     tok_path = cfg.tokenizer or (latest or cfg.init_from)
     if not tok_path:
         tok_path = os.path.join(cfg.out_dir, "tokenizer.model")

@@ -245,6 +245,8 @@ def test_train_grpo_runs_and_resumes(tiny, tmp_path, monkeypatch):
     assert set(evals) == {"before", "after"} and evals["after"]["n"] == 2
     train_grpo.main(common + [f"--out_dir={resumed}", "--num_steps=2"])
     train_grpo.main(common + [f"--out_dir={resumed}", "--num_steps=3"])        # picks up ckpt/latest at step 2
+    with pytest.raises(ValueError, match=r"beta: 0.1 -> 0.2"):              # another recipe is refused
+        train_grpo.main(common + [f"--out_dir={resumed}", "--num_steps=3", "--beta=0.2"])
     a, b = _metrics(straight), _metrics(resumed)
     steps = [r for r in a if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]

@@ -152,6 +152,21 @@ def test_checkpoint_save_resume_and_keep_last(tmp_path):
     assert torch.equal(torch.rand(2), expected)
 
 
+def test_check_resume_names_every_changed_setting():
+    saved = {"config": runlib.config_dict(Cfg(sizes=[1, 2]))}         # as meta.json holds it
+    runlib.check_resume("ckpt/step_000002", saved, Cfg(sizes=[1, 2]), free=set())
+    runlib.check_resume("ckpt/step_000002", saved, Cfg(name="elsewhere", sizes=[1, 2]), free={"name"})
+    with pytest.raises(ValueError) as err:
+        runlib.check_resume("ckpt/step_000002", saved, Cfg(name="elsewhere", lr=2e-3, sizes=[1, 3]), free={"name"})
+    msg = str(err.value)
+    assert "ckpt/step_000002" in msg and "lr: 0.001 -> 0.002" in msg and "sizes: [1, 2] -> [1, 3]" in msg
+    assert "name" not in msg.split("\n", 1)[1].split("Run again")[0]  # a free setting is not listed
+    # a setting added since the save (or removed) is a change too
+    old = {"config": {k: v for k, v in saved["config"].items() if k != "flag"} | {"gone": 1}}
+    with pytest.raises(ValueError, match=r"flag: '\(absent\)' -> False[\s\S]*gone: 1 -> '\(absent\)'"):
+        runlib.check_resume("ckpt/step_000002", old, Cfg(sizes=[1, 2]), free=set())
+
+
 def test_crash_mid_save_keeps_previous_latest(tmp_path):
     """A save that dies half-way (weights written, then an exception) must leave `latest` on the previous step."""
     model, opt, dist = _setup()

@@ -108,6 +108,10 @@ def test_resume_repeats_the_uninterrupted_run(corpus, tmp_path):
     assert steps_full == steps_split == [1, 2, 3, 4, 5]
     assert loss_full == loss_split
     assert [r["grad_norm"] for r in rows_full] == [r["grad_norm"] for r in rows_split]
+    # the same out_dir under another recipe is refused before anything loads; run settings may change
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*lr: 0.003 -> 0.001[\s\S]*max_steps: 5 -> 8"):
+        train_sta.main(args(corpus, split, *common, "--lr=1e-3", "--max_steps=8"))
+    train_sta.main(args(corpus, split, *common, "--eval_every=50", "--keep_last=3", "--log_every=2"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -473,8 +473,9 @@ def main(argv=None):
         raise FileNotFoundError(f"init_from {cfg.init_from!r} has no config.json: train Stage 1 first "
                                 f"(tiny default: python train_sta.py) or pass --init_from=<checkpoint dir>")
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    meta = runlib.load_meta(latest) if latest else None
     if latest:
-        runlib.check_resume(latest, runlib.load_meta(latest), cfg, resume_free(cfg))
+        runlib.check_resume(latest, meta, cfg, resume_free(cfg))
     on_gpu = dist.device.type == "cuda"
     use_bf16 = cfg.dtype == "bfloat16" and on_gpu
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -518,7 +519,6 @@ def main(argv=None):
     global_P = P * dist.world_size
     step = 0
     if latest:
-        meta = runlib.load_meta(latest)
         step = meta["step"]
         runlib.load_optimizer(latest, step_module, optimizer, dist)
         runlib.restore_rng(meta, dist)
@@ -556,7 +556,7 @@ def main(argv=None):
 
     metrics = runlib.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=dist.is_main)
     dumps = runlib.MetricsLog(os.path.join(cfg.out_dir, "completions.jsonl"), enabled=dist.is_main)
-    evals = runlib.load_meta(latest).get("eval", {}) if latest else {}
+    evals = meta.get("eval", {}) if latest else {}
     if heldout and step == 0:
         evals["before"] = run_eval(0)
         metrics.write({"step": 0, **{f"eval_{k}": v for k, v in evals["before"].items()}})

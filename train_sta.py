@@ -787,8 +787,9 @@ def main(argv=None):
     units = training_units(examples, cfg.pack)
     unit_info = [examples[u[0]] for u in units]                       # a unit's audio (duration) for bucketing
     latest = runlib.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    meta = runlib.load_meta(latest) if latest else None
     if latest:
-        runlib.check_resume(latest, runlib.load_meta(latest), cfg, RESUME_FREE)
+        runlib.check_resume(latest, meta, cfg, RESUME_FREE)
     tok_path = cfg.tokenizer or (latest or cfg.init_from)
     if not tok_path:
         tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
@@ -827,10 +828,9 @@ def main(argv=None):
     # auxiliary losses: their weights, and the (decoder layer, head) that each grounding loss supervises
     weights = {"align": cfg.align_weight, "ground": cfg.ground_weight, "digit": cfg.digit_weight,
                "mention": cfg.mention_weight}
-    heads = {**({"ground": (-1, cfg.ground_head)} if cfg.ground_weight > 0 else {}),
-             **({"digit": (-1, cfg.digit_head)} if cfg.digit_weight > 0 else {}),
-             **({"mention": (cfg.mention_layer, cfg.ground_head)} if cfg.mention_weight > 0 else {})}
-    aux = [kind for kind in weights if kind in heads or (kind == "align" and cfg.align_weight > 0)]
+    aux = [kind for kind, weight in weights.items() if weight > 0]
+    heads = {kind: head for kind, head in (("ground", (-1, cfg.ground_head)), ("digit", (-1, cfg.digit_head)),
+                                           ("mention", (cfg.mention_layer, cfg.ground_head))) if kind in aux}
 
     def count(b, kind):                                               # a micro-batch's targets of one loss
         return int((b["align_labels"] >= 0).sum()) if kind == "align" else len(b["targets"][kind])
@@ -847,7 +847,6 @@ def main(argv=None):
     global_bs = cfg.batch_size * cfg.grad_accum * dist.world_size
     step, position = 0, 0
     if latest:
-        meta = runlib.load_meta(latest)
         step, position = meta["step"], meta["data_position"]
         runlib.load_optimizer(latest, step_module, optimizer, dist)
         runlib.restore_rng(meta, dist)
